@@ -1,0 +1,1 @@
+"""Analysis of run folders under results/: loading, width-law fits, speedups, plots, reports."""

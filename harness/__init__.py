@@ -1,0 +1,1 @@
+"""vwn-harness: build, train and launch Virtual Width Network experiments."""
