@@ -1,0 +1,95 @@
+"""Generalized Hyper-Connections (GHC) and their dynamic form (DGHC), VWN paper §3-4.
+
+The over-width state carried between sublayers is H with shape (batch, seq, n, d_b): n slots of
+width d_b = D/m. Around one sublayer T (pre-norm attention or FFN at width D):
+
+    X  = Åᵀ H            (m, d_b) -> flattened to x of width D      [read]
+    z  = T(x)            width D -> Z of shape (m, d_b)
+    H⁺ = Bᵀ Z + Âᵀ H     (n, d_b)                                   [write + carry]
+
+with A = [Å | Â] of shape (n, m+n) and B of shape (m, n); one scalar per (slot, segment), shared by
+the d_b channels of a segment. DGHC adds token-dependent terms computed from a per-slot RMSNorm
+of H (fp32, temperature τ = √d_b):
+
+    𝓐(H) = S_α ∘ tanh(H̄ W_α / τ) + A          (n, m+n); row i depends on slot i only
+    𝓑(H) = (S_β ∘ tanh(H̄ W_β / τ))ᵀ + B        (m, n); column j depends on slot j only
+
+(1, 1) is the plain residual connection (x = H, H⁺ = H + z) and carries no parameters: with a
+single slot there is nothing to mix, so the baseline is this module's degenerate case, not a
+separate model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Mixing = tuple[torch.Tensor, torch.Tensor]
+
+
+def initial_mixing(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's initialisation: A = [Å | Â] with Å = [I_m; 0], Â = I_n, and cyclic B[i, j] = [i == j mod m].
+
+    Returns A of shape (n, m+n) and B of shape (m, n). With these, slots 0..m-1 form an ordinary
+    pre-norm residual stream of width D and slots m..n-1 receive copies of the sublayer output.
+    """
+    read = torch.zeros(n, m)
+    read[:m] = torch.eye(m)
+    a = torch.cat([read, torch.eye(n)], dim=1)
+    b = torch.zeros(m, n)
+    b[torch.arange(n) % m, torch.arange(n)] = 1.0
+    return a, b
+
+
+class GeneralizedHyperConnection(nn.Module):
+    """Static or dynamic GHC around one sublayer; `read` before it, `write` after it."""
+
+    def __init__(self, d_model: int, m: int, n: int, dynamic: bool, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.m, self.n, self.d_slot = m, n, d_model // m
+        self.is_residual = m == n == 1
+        self.dynamic = dynamic and not self.is_residual
+        self.eps = eps
+        if self.is_residual:
+            return
+        a, b = initial_mixing(m, n)
+        self.static_a = nn.Parameter(a)  # A = [Å | Â], (n, m+n)
+        self.static_b = nn.Parameter(b)  # B, (m, n)
+        if self.dynamic:
+            # NOTE: W_α (d_b, m+n) and W_β (d_b, m) are stored side by side as one (d_b, 2m+n) matrix so
+            # all coefficients of a slot come from one matmul; likewise S_α (n, m+n) and S_βᵀ (n, m).
+            self.coeff_proj = nn.Parameter(torch.zeros(self.d_slot, 2 * m + n))
+            self.coeff_scale = nn.Parameter(torch.ones(n, 2 * m + n))
+        self.temperature = math.sqrt(self.d_slot)
+
+    def mixing(self, h: torch.Tensor) -> Mixing:
+        """Mixing matrices for state h (..., n, d_b): A (..., n, m+n) and B (..., m, n), in fp32.
+
+        Static GHC returns the parameters themselves (no leading dims)."""
+        if not self.dynamic:
+            return self.static_a, self.static_b
+        normed = F.rms_norm(h.float(), (self.d_slot,), eps=self.eps)
+        delta = self.coeff_scale * torch.tanh(normed @ self.coeff_proj / self.temperature)  # (..., n, 2m+n)
+        split = self.m + self.n
+        return self.static_a + delta[..., :split], self.static_b + delta[..., split:].transpose(-1, -2)
+
+    def read(self, h: torch.Tensor) -> tuple[torch.Tensor, Mixing | None]:
+        """h (batch, seq, n, d_b) -> sublayer input x (batch, seq, D), and the mixing to reuse in `write`."""
+        if self.is_residual:
+            return h.flatten(-2), None
+        a, b = self.mixing(h)
+        read = a[..., : self.m].to(h.dtype)  # Å, (..., n, m)
+        x = read.transpose(-1, -2) @ h  # (batch, seq, m, d_b)
+        return x.flatten(-2), (a, b)
+
+    def write(self, h: torch.Tensor, z: torch.Tensor, mix: Mixing | None) -> torch.Tensor:
+        """State h (batch, seq, n, d_b) and sublayer output z (batch, seq, D) -> new state (batch, seq, n, d_b)."""
+        if self.is_residual:
+            return h + z.view_as(h)
+        a, b = mix
+        carry = a[..., self.m :].to(h.dtype)  # Â, (..., n, n)
+        z = z.unflatten(-1, (self.m, self.d_slot))  # (batch, seq, m, d_b)
+        return b.to(h.dtype).transpose(-1, -2) @ z + carry.transpose(-1, -2) @ h

@@ -1,0 +1,246 @@
+"""The VWN language model: over-width embedding -> GHC-wrapped pre-norm MoE transformer -> reduce head.
+
+Shapes: B batch, T sequence, D = d_model (backbone width), m/n the virtual width pair,
+d_b = D/m the slot width, D' = n·d_b the over-width state, V the vocabulary.
+
+    tokens (B, T) -> WideEmbedding -> H (B, T, n, d_b)
+      -> n_layers × Block: GHC(attention), GHC(FFN)      (sublayers run at width D)
+      -> ReduceHead: GroupNorm (groups of size D) -> Linear D'->D -> RMSNorm -> LM head (B, T, V)
+    MTP (optional, depth 1): [H-Norm(H_t) ; E-Norm(E(token_{t+1}))] per slot -> shared Linear(2·d_b -> d_b)
+      -> one Block -> its own ReduceHead -> shared LM head: logits for token t+2 at position t.
+
+With virtual_width (1, 1) every GHC is the plain residual connection and the reduce head is just
+the final RMSNorm, so the baseline is the ordinary pre-norm transformer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.model.config import ModelConfig
+from harness.model.ghc import GeneralizedHyperConnection
+from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, head_dim/2) for rotary position embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, head_dim) by position; halves layout (GPT-NeoX style)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary positions, at width D."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4)  # (B, heads, T, hd)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).flatten(-2))
+
+
+class Block(nn.Module):
+    """One VWN layer: GHC around pre-norm attention, GHC around pre-norm FFN (MoE or dense)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, m, n = config.d_model, config.m, config.n
+        self.attn_connection = GeneralizedHyperConnection(d, m, n, config.dynamic, config.norm_eps)
+        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.attn = Attention(d, config.n_heads)
+        self.ffn_connection = GeneralizedHyperConnection(d, m, n, config.dynamic, config.norm_eps)
+        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        if config.n_experts > 0:
+            self.ffn = MixtureOfExperts(d, config.d_ff, config.n_experts, config.top_k,
+                                        config.n_shared_experts, config.aux_free_balancing,
+                                        config.bias_update_rate)
+        else:
+            self.ffn = SwiGLU(d, config.d_ff)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        """h (B, T, n, d_b) -> (B, T, n, d_b), and the router terms of the MoE (None if dense)."""
+        x, mix = self.attn_connection.read(h)
+        h = self.attn_connection.write(h, self.attn(self.attn_norm(x), rope), mix)
+        x, mix = self.ffn_connection.read(h)
+        y, stats = self.ffn(self.ffn_norm(x))
+        return self.ffn_connection.write(h, y, mix), stats
+
+
+class WideEmbedding(nn.Module):
+    """tokens (B, T) -> H⁰ (B, T, n, d_b): a |V|×D' table, or a factorised |V|×D table expanded D -> D'."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.shape = (config.n, config.d_slot)
+        factorized = config.embedding == "factorized"
+        self.table = nn.Embedding(config.vocab_size, config.d_model if factorized else config.d_wide)
+        self.expand = nn.Linear(config.d_model, config.d_wide, bias=False) if factorized else None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.table(tokens)
+        if self.expand is not None:
+            e = self.expand(e)
+        return e.unflatten(-1, self.shape)
+
+
+class ReduceHead(nn.Module):
+    """H (B, T, n, d_b) -> (B, T, D): GroupNorm in groups of size D, Linear D' -> D, RMSNorm.
+
+    At n == m there is nothing to reduce and only the final RMSNorm remains (the baseline)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        wide = config.n > config.m
+        groups = config.d_wide // config.d_model
+        self.group_norm = nn.GroupNorm(groups, config.d_wide, eps=config.norm_eps) if config.uses_group_norm else None
+        self.reduce = nn.Linear(config.d_wide, config.d_model, bias=False) if wide else None
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.flatten(-2)
+        if self.group_norm is not None:
+            x = self.group_norm(x.flatten(0, -2)).view_as(x)
+        if self.reduce is not None:
+            x = self.reduce(x)
+        return self.norm(x)
+
+
+class MultiTokenPredictor(nn.Module):
+    """Depth-1 MTP (DeepSeek-V3 style) with the paper's block-level linear.
+
+    Concatenation order per slot is [H-Norm(hidden) ; E-Norm(embedding)] (hidden first, as in the
+    DeepSeek-V3 paper); both norms are RMSNorms over the full D' width."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.hidden_norm = nn.RMSNorm(config.d_wide, eps=config.norm_eps)
+        self.embed_norm = nn.RMSNorm(config.d_wide, eps=config.norm_eps)
+        self.merge = nn.Linear(2 * config.d_slot, config.d_slot, bias=False)  # one Linear shared by all n slots
+        self.block = Block(config)
+        self.head = ReduceHead(config)
+
+    def forward(self, h: torch.Tensor, next_embed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        """Final state h and embeddings of the following tokens, both (B, T, n, d_b) -> (B, T, D)."""
+        hidden = self.hidden_norm(h.flatten(-2)).view_as(h)
+        embed = self.embed_norm(next_embed.flatten(-2)).view_as(h)
+        merged = self.merge(torch.cat([hidden, embed], dim=-1))  # (B, T, n, d_b)
+        out, stats = self.block(merged, rope)
+        return self.head(out), stats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V), next token
+    mtp_logits: torch.Tensor | None  # (B, T, V), token t+2 at position t; None without MTP
+    aux_loss: torch.Tensor  # scalar: weighted MoE balancing terms over all MoE layers
+    router: dict[str, torch.Tensor] = field(default_factory=dict)  # detached per-step means, for logging
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = WideEmbedding(config)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.head = ReduceHead(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.mtp = MultiTokenPredictor(config) if config.mtp else None
+        cos, sin = rotary_tables(config.seq_len, config.d_model // config.n_heads, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.table.weight
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; sublayer output projections scaled by 1/√(2·n_layers) (GPT-2).
+
+        GHC mixing keeps the paper's initialisation (set in its constructor) and norms start at 1."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, SwiGLU | MixtureOfExperts):
+                nn.init.normal_(module.w_in, std=std)
+                nn.init.normal_(module.w_out, std=out_std)
+            elif isinstance(module, Attention):
+                nn.init.normal_(module.out.weight, std=out_std)
+
+    def no_decay_parameter_names(self) -> set[str]:
+        """Parameters trained without weight decay: norms, embedding tables, static GHC A/B and the
+        dynamic scales S (gains initialised at 1, like norm weights)."""
+        return {
+            name for name, p in self.named_parameters()
+            if p.ndim < 2 or name.endswith(("static_a", "static_b", "coeff_scale", "table.weight"))
+        }
+
+    def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len <= self.rope_cos.shape[0]:
+            return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        cos, sin = rotary_tables(seq_len, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        return cos.to(self.rope_cos.device), sin.to(self.rope_cos.device)
+
+    def forward(self, tokens: torch.Tensor, next_token: torch.Tensor | None = None) -> ModelOutput:
+        """tokens (B, T) -> ModelOutput.
+
+        The MTP head at position t reads the embedding of token t+1. `next_token` (B,) is the token
+        after the window, giving the last position its lookahead; without it the last position's
+        MTP logits see a zero embedding and should be left out of any loss."""
+        rope = self.rope(tokens.shape[1])
+        embedded = self.embed(tokens)  # (B, T, n, d_b)
+        h = embedded
+        stats: list[RouterStats] = []
+        for block in self.blocks:
+            h, layer_stats = block(h, rope)
+            stats.append(layer_stats)
+        logits = self.lm_head(self.head(h))
+
+        mtp_logits = None
+        if self.mtp is not None:
+            last = self.embed(next_token[:, None]) if next_token is not None else torch.zeros_like(embedded[:, :1])
+            next_embed = torch.cat([embedded[:, 1:], last], dim=1)
+            mtp_hidden, mtp_stats = self.mtp(h, next_embed, rope)
+            stats.append(mtp_stats)
+            mtp_logits = self.lm_head(mtp_hidden)
+        return ModelOutput(logits, mtp_logits, *self._router_terms(stats))
+
+    def _router_terms(self, stats: list[RouterStats | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        routed = [s for s in stats if s is not None]
+        if not routed:
+            return self.lm_head.weight.new_zeros(()), {}
+        balance = torch.stack([s.balance_loss for s in routed])  # one term per MoE layer, summed as in Switch
+        z_loss = torch.stack([s.z_loss for s in routed])
+        aux = self.config.balance_loss_weight * balance.sum() + self.config.z_loss_weight * z_loss.sum()
+        router = {
+            "moe/balance_loss": balance.detach().mean(),
+            "moe/z_loss": z_loss.detach().mean(),
+            "moe/max_load": torch.stack([s.max_load for s in routed]).max(),
+        }
+        return aux, router
+
+    def update_selection_biases(self) -> None:
+        """Auxiliary-loss-free balancing step; call once per optimizer step (before it)."""
+        for module in self.modules():
+            if isinstance(module, MixtureOfExperts):
+                module.update_selection_bias()

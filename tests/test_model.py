@@ -1,0 +1,244 @@
+"""The VWN model: causality, degenerate cases, mixing, shapes, gradients and learning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.model import LanguageModel, ModelConfig
+from harness.model.ghc import GeneralizedHyperConnection
+from harness.model.moe import MixtureOfExperts
+
+TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, top_k=2, d_ff=32)
+
+# r in {1, 1.5, 2, 4, 8} at m in {1, 2, 4, 8}, wherever n = r·m is a whole number
+WIDTHS = [(m, int(r * m)) for r in (1.0, 1.5, 2.0, 4.0, 8.0) for m in (1, 2, 4, 8) if (r * m).is_integer()]
+
+
+def build(seed: int = 0, **changes) -> LanguageModel:
+    torch.manual_seed(seed)
+    return LanguageModel(dataclasses.replace(TINY, **changes))
+
+
+def tokens(batch: int = 2, seq: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, TINY.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_mixing(model: LanguageModel) -> None:
+    """Move every GHC off its initialisation so tests exercise general mixing, not the identity-like start."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("static_a", "static_b", "coeff_proj", "coeff_scale")):
+                p.add_(0.3 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("virtual_width", [(1, 1), (2, 3), (4, 32)])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_both_heads_are_causal(virtual_width, dynamic):
+    model = build(virtual_width=virtual_width, dynamic=dynamic, mtp=True).eval()
+    randomize_mixing(model)
+    x = tokens()
+    t = 9
+    changed = x.clone()
+    changed[:, t] = (changed[:, t] + 1) % TINY.vocab_size
+    with torch.no_grad():
+        a, b = model(x), model(changed)
+    assert torch.equal(a.logits[:, :t], b.logits[:, :t])
+    assert not torch.allclose(a.logits[:, t], b.logits[:, t])
+    # MTP at position t-1 reads the embedding of token t, so only positions < t-1 must be untouched
+    assert torch.equal(a.mtp_logits[:, : t - 1], b.mtp_logits[:, : t - 1])
+    assert not torch.allclose(a.mtp_logits[:, t - 1], b.mtp_logits[:, t - 1])
+
+
+def plain_transformer_logits(model: LanguageModel, x: torch.Tensor) -> torch.Tensor:
+    """A textbook pre-norm residual transformer reusing the model's weights."""
+    rope = model.rope(x.shape[1])
+    h = model.embed.table(x)
+    for block in model.blocks:
+        h = h + block.attn(block.attn_norm(h), rope)
+        h = h + block.ffn(block.ffn_norm(h))[0]
+    return model.lm_head(model.head.norm(h))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_width_one_is_the_plain_residual_transformer(dynamic):
+    model = build(virtual_width=(1, 1), dynamic=dynamic).eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, plain_transformer_logits(model, x), rtol=1e-5, atol=1e-6)
+    assert not any("connection" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("virtual_width", [(2, 3), (2, 4), (4, 32), (1, 4)])
+def test_at_init_the_backbone_sees_exactly_the_first_d_channels(virtual_width):
+    """With dynamic weights at zero, slots 0..m-1 are an ordinary residual stream of width D whose
+    input is the first D channels of the wide embedding."""
+    model = build(virtual_width=virtual_width, dynamic=True).eval()
+    x = tokens()
+    seen: list[torch.Tensor] = []
+    hooks = [norm.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+             for block in model.blocks for norm in (block.attn_norm, block.ffn_norm)]
+    with torch.no_grad():
+        model(x)
+        for hook in hooks:
+            hook.remove()
+        rope = model.rope(x.shape[1])
+        h = model.embed.table(x)[..., : TINY.d_model]
+        expected = []
+        for block in model.blocks:
+            expected.append(h)
+            h = h + block.attn(block.attn_norm(h), rope)
+            expected.append(h)
+            h = h + block.ffn(block.ffn_norm(h))[0]
+    assert len(seen) == len(expected)
+    for got, want in zip(seen, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_read_takes_first_m_slots_and_write_is_cyclic_at_init():
+    ghc = GeneralizedHyperConnection(d_model=12, m=2, n=5, dynamic=True)
+    h = torch.randn(3, 4, 5, 6)
+    x, mix = ghc.read(h)
+    torch.testing.assert_close(x, h[..., :2, :].flatten(-2))
+    z = torch.randn(3, 4, 12)
+    out = ghc.write(h, z, mix)
+    segments = z.unflatten(-1, (2, 6))
+    for slot in range(5):
+        torch.testing.assert_close(out[..., slot, :], h[..., slot, :] + segments[..., slot % 2, :])
+
+
+@pytest.mark.parametrize("name, index", [("static_a", (1, 4)), ("static_b", (0, 2)), ("static_a", (2, 0))])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_changing_a_static_mixing_entry_changes_the_output(name, index, dynamic):
+    """Guards against the known hyper-connection bug where mixing matrices were left unused."""
+    model = build(virtual_width=(2, 4), dynamic=dynamic).eval()
+    x = tokens()
+    with torch.no_grad():
+        before = model(x).logits
+        getattr(model.blocks[0].attn_connection, name)[index] += 0.5
+        after = model(x).logits
+    assert (before - after).abs().max() > 1e-4
+
+
+def test_dynamic_weights_get_nonzero_gradients_on_the_first_step():
+    model = build(virtual_width=(2, 6), dynamic=True, mtp=True)
+    out = model(tokens())
+    target = tokens(seed=3).flatten()
+    loss = F.cross_entropy(out.logits.flatten(0, 1), target) + F.cross_entropy(out.mtp_logits.flatten(0, 1), target)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.endswith("coeff_proj"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("virtual_width", WIDTHS)
+def test_every_width_runs_forward_backward_with_gradients_everywhere(virtual_width):
+    model = build(virtual_width=virtual_width, dynamic=True, mtp=True)
+    x = tokens()
+    out = model(x, next_token=x[:, 0])
+    assert out.logits.shape == (2, 16, TINY.vocab_size) and out.mtp_logits.shape == (2, 16, TINY.vocab_size)
+    loss = out.logits.logsumexp(-1).mean() + out.mtp_logits.logsumexp(-1).mean() + out.aux_loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient at {virtual_width}"
+        # S multiplies tanh(H̄W/τ), which is exactly 0 while W is at its zero initialisation
+        if not name.endswith("coeff_scale"):
+            assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient at {virtual_width}"
+
+
+@pytest.mark.parametrize("changes, field, allowed", [
+    ({"virtual_width": (3, 6)}, "virtual_width", "allowed m: [1, 2, 4, 8, 16, 32]"),
+    ({"virtual_width": (4, 2)}, "virtual_width", "n >= m"),
+    ({"virtual_width": (0, 2)}, "virtual_width", ">= 1"),
+    ({"virtual_width": (2, 0)}, "virtual_width", ">= 1"),
+    ({"n_heads": 3}, "n_heads", "must divide d_model=32"),
+    ({"top_k": 5}, "top_k", "1..n_experts=4"),
+    ({"tie_embeddings": True, "virtual_width": (1, 2)}, "tie_embeddings", "factorized"),
+])
+def test_invalid_shapes_name_the_field_and_allowed_values(changes, field, allowed):
+    with pytest.raises(ValueError, match=f"model.{field}") as error:
+        dataclasses.replace(TINY, **changes)
+    assert allowed in str(error.value)
+
+
+def test_factorized_embedding_and_tied_head_share_one_table():
+    model = build(virtual_width=(2, 8), embedding="factorized", tie_embeddings=True)
+    assert model.lm_head.weight is model.embed.table.weight
+    assert model.embed.table.weight.shape == (TINY.vocab_size, TINY.d_model)
+    assert model.embed.expand.weight.shape == (8 * 16, TINY.d_model)
+
+
+def test_no_decay_covers_norms_tables_and_static_mixing_only():
+    model = build(virtual_width=(2, 4), dynamic=True, mtp=True)
+    no_decay = model.no_decay_parameter_names()
+    assert "embed.table.weight" in no_decay
+    assert "blocks.0.attn_connection.static_a" in no_decay and "blocks.1.ffn_connection.static_b" in no_decay
+    assert "blocks.0.attn_norm.weight" in no_decay and "head.group_norm.bias" in no_decay
+    assert "blocks.0.attn_connection.coeff_proj" not in no_decay
+    assert "blocks.0.attn.qkv.weight" not in no_decay and "blocks.0.ffn.w_in" not in no_decay
+
+
+def test_moe_dispatch_matches_dense_evaluation_of_the_chosen_experts():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(d_model=8, d_ff=6, n_experts=4, top_k=2, n_shared=1,
+                           aux_free_balancing=False, bias_update_rate=0.0)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, 8)
+    out, stats = moe(x)
+    flat = x.reshape(-1, 8)
+    probs = moe.router(flat).softmax(-1)
+    top = probs.topk(2, dim=-1)
+    gates = top.values / top.values.sum(-1, keepdim=True)
+    expected = moe.shared(flat)[0]
+    for slot in range(2):
+        for t in range(flat.shape[0]):
+            e = top.indices[t, slot]
+            gate, up = (flat[t] @ moe.w_in[e]).chunk(2)
+            expected[t] += gates[t, slot] * ((F.silu(gate) * up) @ moe.w_out[e])
+    torch.testing.assert_close(out.reshape(-1, 8), expected, rtol=1e-5, atol=1e-6)
+    load = torch.bincount(top.indices.flatten(), minlength=4).float() / top.indices.numel()
+    torch.testing.assert_close(stats.balance_loss, 4 * (load * probs.mean(0)).sum())
+    torch.testing.assert_close(stats.z_loss, moe.router(flat).logsumexp(-1).square().mean())
+
+
+def test_aux_free_balancing_nudges_bias_toward_underused_experts():
+    moe = MixtureOfExperts(d_model=8, d_ff=6, n_experts=4, top_k=1, n_shared=0,
+                           aux_free_balancing=True, bias_update_rate=0.01)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 1.0  # expert 0 wins for inputs with positive sum
+    torch.nn.init.normal_(moe.w_in, std=0.1)
+    torch.nn.init.normal_(moe.w_out, std=0.1)
+    moe(torch.ones(1, 6, 8))
+    moe.update_selection_bias()
+    torch.testing.assert_close(moe.selection_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    assert moe.pending_load.sum() == 0
+    assert "selection_bias" in moe.state_dict()
+
+
+@pytest.mark.parametrize("virtual_width", [(1, 1), (2, 3), (2, 16)])
+@pytest.mark.parametrize("mtp", [False, True])
+def test_sixty_adamw_steps_on_one_batch_halve_the_loss(virtual_width, mtp):
+    model = build(virtual_width=virtual_width, mtp=mtp)
+    window = torch.randint(0, TINY.vocab_size, (4, 18), generator=torch.Generator().manual_seed(5))
+    x, target, target2 = window[:, :16], window[:, 1:17], window[:, 2:18]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def loss_fn() -> torch.Tensor:
+        out = model(x, next_token=window[:, 16])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), target.flatten())
+        if mtp:
+            loss = loss + F.cross_entropy(out.mtp_logits.flatten(0, 1), target2.flatten())
+        return loss, out.aux_loss
+
+    first = loss_fn()[0].item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss, aux = loss_fn()
+        (loss + aux).backward()
+        optimizer.step()
+    assert loss_fn()[0].item() < 0.5 * first
