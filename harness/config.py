@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 class DataConfig:
     corpus: str = "builtin"  # "builtin", a text file, a folder or glob of text files, or a .bin/.npy token file
     tokenizer: Literal["bpe", "byte"] = "bpe"  # byte-level BPE trained on the training split, or raw bytes
-    val_fraction: float = 0.02  # share of documents (of tokens, for a token file) held out for validation
+    val_fraction: float = 0.02  # share of the text held out: whole documents (a lone file's tail, a token file's end)
     val_tokens: int = 32768  # size of the fixed held-out set evaluated every train.val_every steps
     cache_dir: str = ""  # tokenizers and token memmaps; "" = $VWN_CACHE or ~/.cache/vwn-harness
 
