@@ -79,6 +79,8 @@ class TrainConfig:
         for name in ("tokens", "batch_size", "grad_accum", "log_every", "val_every", "checkpoint_every", "devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"train.seed: must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,148 @@
+"""Real Lightning training of tiny models into real run folders: contract, exact resume, divergence, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.config import load_run_config
+from harness.train import run_training
+
+pytestmark = pytest.mark.integration
+
+LOSS_COLUMNS = ["train/loss_ntp", "train/loss_next2", "val/loss_ntp", "val/loss_next2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """A small real-text corpus (this repository's Python sources) and a private cache folder."""
+    root = tmp_path_factory.mktemp("corpus")
+    sources = sorted(Path(__file__).resolve().parents[1].glob("harness/**/*.py"))
+    (root / "text.txt").write_text("\n\n".join(p.read_text() for p in sources) * 3)
+    return root / "text.txt", root / "cache"
+
+
+def tiny_config_file(tmp_path: Path, tiny_corpus, **sections) -> Path:
+    corpus, cache = tiny_corpus
+    config = {
+        "model": {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32,
+                  "n_experts": 4, "top_k": 2, "d_ff": 32, "virtual_width": [2, 4], "mtp": True},
+        "data": {"corpus": str(corpus), "cache_dir": str(cache), "val_tokens": 512, "val_fraction": 0.1},
+        "optim": {"lr": 3e-3, "warmup_steps": 5},
+        "train": {"tokens": 40 * 8 * 32, "batch_size": 8, "log_every": 2, "val_every": 10, "checkpoint_every": 5},
+    }
+    for section, values in sections.items():
+        config[section] |= values
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses_by_step(rows: list[dict[str, str]]) -> dict[tuple[int, str], float]:
+    return {(int(r["step"]), k): float(r[k]) for r in rows for k in LOSS_COLUMNS if r[k]}
+
+
+def vwn(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=cwd, stderr=subprocess.PIPE,
+                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_tiny_run_fills_the_run_folder_and_learns(tmp_path, tiny_corpus):
+    config = load_run_config(tiny_config_file(tmp_path, tiny_corpus))
+    run_dir = tmp_path / "run"
+    summary = run_training(config, run_dir, threads=1)
+
+    assert summary["status"] == "done"
+    assert load_run_config(run_dir / "config.yaml") == config
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_size > 0
+    rows = read_metrics(run_dir / "metrics.csv")
+    train_rows = [r for r in rows if r["train/loss_ntp"]]
+    val_rows = [r for r in rows if r["val/loss_ntp"]]
+    assert [int(r["step"]) for r in train_rows] == list(range(2, 41, 2))
+    assert [int(r["step"]) for r in val_rows] == [10, 20, 30, 40]
+    assert all(int(r["tokens"]) == int(r["step"]) * 8 * 32 for r in rows)
+    assert all(float(r["tokens_per_s"]) > 0 and r["train/loss_next2"] and r["moe/max_load"] for r in train_rows)
+    assert float(val_rows[-1]["val/loss_ntp"]) < float(train_rows[0]["train/loss_ntp"]) - 1.0
+    assert float(val_rows[-1]["val/loss_next2"]) < float(train_rows[0]["train/loss_next2"]) - 0.5
+    assert summary["steps"] == 40 and summary["tokens"] == 40 * 8 * 32
+    assert summary["final"]["val/loss_ntp"] == float(val_rows[-1]["val/loss_ntp"])
+    assert summary["params"]["total"] > 0 and summary["flops_per_token"]["ghc"] > 0
+    assert len(summary["corpus_fingerprint"]) >= 16
+
+
+def test_run_without_mtp_leaves_next2_empty(tmp_path, tiny_corpus):
+    path = tiny_config_file(tmp_path, tiny_corpus, model={"mtp": False, "virtual_width": [1, 1]},
+                            train={"tokens": 10 * 8 * 32, "val_every": 5})
+    summary = run_training(load_run_config(path), tmp_path / "run", threads=1)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert summary["final"]["val/loss_next2"] is None
+    assert not any(r["train/loss_next2"] or r["val/loss_next2"] for r in rows)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_corpus, sig):
+    config_path = tiny_config_file(tmp_path, tiny_corpus)
+    reference = vwn("train", str(config_path), "--out", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+
+    interrupted = tmp_path / "interrupted"
+    first = vwn("train", str(config_path), "--out", str(interrupted), cwd=tmp_path)
+    metrics = interrupted / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # stop it between the checkpoint at step 15 and the one at step 20
+        if metrics.exists() and any(int(r["step"]) >= 16 for r in read_metrics(metrics)):
+            break
+        time.sleep(0.05)
+    first.send_signal(sig)
+    first.wait(timeout=60)
+    assert not (interrupted / "summary.json").exists()
+    stopped_at = max(int(r["step"]) for r in read_metrics(metrics))
+    assert stopped_at < 40
+
+    second = vwn("train", str(config_path), "--out", str(interrupted), cwd=tmp_path)
+    assert second.wait(timeout=300) == 0, second.stderr.read()
+    expected = losses_by_step(read_metrics(tmp_path / "reference" / "metrics.csv"))
+    resumed = losses_by_step(read_metrics(metrics))
+    assert resumed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_divergence_stops_with_a_diverged_summary(tmp_path, tiny_corpus):
+    path = tiny_config_file(tmp_path, tiny_corpus, optim={"lr": 1e30, "warmup_steps": 0, "grad_clip": 0.0})
+    process = vwn("train", str(path), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert process.wait(timeout=300) == 1
+    error_lines = [line for line in process.stderr.read().splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "diverged" in error_lines[0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] < 40
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.d_modle=64", "model.d_modle: unknown key; did you mean 'model.d_model'?"),
+    ("model.virtual_width=[3,6]", "model.virtual_width: m must divide d_model=32"),
+    ("optim.schedule=linear", "optim.schedule: expected one of 'constant', 'cosine'"),
+    ("data.corpus=/no/such/corpus.txt", "data.corpus"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, tiny_corpus, override, message):
+    path = tiny_config_file(tmp_path, tiny_corpus)
+    process = vwn("train", str(path), "--set", override, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert process.wait(timeout=120) == 2
+    stderr = process.stderr.read()
+    assert message in stderr and str(path) in stderr
+    assert not (tmp_path / "run").exists()
