@@ -97,6 +97,22 @@ class MetricsWriter(L.Callback):
                      | module.validation_means())
 
 
+    @torch.no_grad()
+    def on_train_end(self, trainer, module) -> None:
+        """Evaluate the final step too when the evaluation schedule did not end on it.
+
+        NOTE: done here rather than with trainer.validate() so it also happens inside ddp_spawn
+        workers, where the trainer's step is known."""
+        if trainer.global_step == self.last_val_step:
+            return
+        module.eval()
+        module.on_validation_epoch_start()
+        for index, window in enumerate(trainer.datamodule.val_dataloader()):
+            module.validation_step(window.to(module.device), index)
+        module.train()
+        self.on_validation_epoch_end(trainer, module)
+
+
 class PeriodicCheckpoint(L.Callback):
     """Writes checkpoints/last.ckpt atomically every `every` optimizer steps and when the process is
     asked to stop (SIGTERM, SIGUSR1, SIGUSR2).

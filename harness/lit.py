@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -11,6 +13,11 @@ import torch.nn.functional as F
 
 from harness.config import OptimConfig, RunConfig, from_dict, to_dict
 from harness.model import LanguageModel
+
+# Lightning's start-up banners and the "srun is available but not used" hint are noise in run logs.
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 class DivergenceError(RuntimeError):
@@ -43,6 +50,10 @@ class VWNModule(L.LightningModule):
         self.val_sums: dict[str, float] = {}
         self.earlier_wall_time = 0.0  # seconds spent by earlier attempts of this run (from the checkpoint)
         self.attempt_started = time.time()
+        self.threads = torch.get_num_threads()  # intra-op threads of each training process
+
+    def setup(self, stage: str) -> None:
+        torch.set_num_threads(self.threads)  # NOTE: ddp_spawn workers start with torch's default
 
     @classmethod
     def from_run_config(cls, config: RunConfig) -> VWNModule:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import platform
 import sys
 import time
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -26,14 +24,9 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from harness.callbacks import MetricsWriter, PeriodicCheckpoint
 from harness.config import ConfigError, RunConfig, dump_run_config, load_run_config
-from harness.data import TokenDataModule, check_data_config
+from harness.data import TokenDataModule, check_data_config, prepare_corpus
 from harness.lit import DivergenceError, VWNModule
 from harness.model import accounting
-
-# Lightning's start-up banners and the "srun is available but not used" hint are noise in run logs.
-logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -55,18 +48,20 @@ def claim_run_dir(config: RunConfig, run_dir: Path) -> None:
     dump_run_config(config, config_path)
 
 
-def final_values(metrics_path: Path) -> dict[str, float | None]:
-    """The last logged value of each loss column of metrics.csv."""
-    final: dict[str, float | None] = dict.fromkeys(
-        ("train/loss_ntp", "train/loss_next2", "val/loss_ntp", "val/loss_next2"))
+def read_progress(metrics_path: Path) -> tuple[int, dict[str, float | None]]:
+    """The last logged step of metrics.csv, and the last value of each of its loss columns.
+
+    Read from the file rather than the trainer, whose state stays in the workers under ddp_spawn."""
+    step, final = 0, dict.fromkeys(("train/loss_ntp", "train/loss_next2", "val/loss_ntp", "val/loss_next2"))
     if metrics_path.exists():
         with metrics_path.open(newline="") as f:
             for row in csv.DictReader(f):
+                step = max(step, int(row["step"]))
                 final.update({k: float(row[k]) for k in final if row.get(k)})
-    return final
+    return step, final
 
 
-def build_trainer(config: RunConfig, run_dir: Path) -> tuple[L.Trainer, MetricsWriter]:
+def build_trainer(config: RunConfig, run_dir: Path) -> L.Trainer:
     train = config.train
     metrics = MetricsWriter(run_dir / "metrics.csv", train.log_every, config.tokens_per_step)
     under_slurm = SLURMEnvironment.detect()
@@ -91,7 +86,7 @@ def build_trainer(config: RunConfig, run_dir: Path) -> tuple[L.Trainer, MetricsW
         plugins=[SLURMEnvironment(auto_requeue=False)] if under_slurm else None,
         default_root_dir=run_dir,
     )
-    return trainer, metrics
+    return trainer
 
 
 def versions() -> dict[str, str]:
@@ -112,8 +107,9 @@ def run_training(config: RunConfig, run_dir: str | Path, *, threads: int | None 
     run_dir = Path(run_dir)
     check_data_config(config.data, config.model.vocab_size)
     claim_run_dir(config, run_dir)
-    if threads:
-        torch.set_num_threads(threads)
+    # every training process (devices of them) gets an equal share of this process's threads
+    threads_per_process = max(1, (threads or torch.get_num_threads()) // config.train.devices)
+    torch.set_num_threads(threads_per_process)
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     started = time.time()
@@ -122,22 +118,21 @@ def run_training(config: RunConfig, run_dir: str | Path, *, threads: int | None 
         "params": accounting.count_parameters(config.model),
         "flops_per_token": accounting.flops_per_token(config.model),
         "target_tokens": config.max_steps * config.tokens_per_step,
-        "threads": torch.get_num_threads(),
+        "threads_per_process": threads_per_process,
         "versions": versions(),
         "error": None,
     }
     trainer = None
     try:
         module = VWNModule.from_run_config(config)
+        module.threads = threads_per_process
         datamodule = TokenDataModule(config.data, config.model.vocab_size, config.model.seq_len,
                                      config.train.batch_size, config.train.seed)
-        trainer, metrics = build_trainer(config, run_dir)
+        trainer = build_trainer(config, run_dir)
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint if checkpoint.exists() else None)
-        if metrics.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-        summary["status"] = "done"
-        summary["corpus_fingerprint"] = datamodule.corpus.fingerprint
-        summary["tokenizer_id"] = datamodule.corpus.tokenizer_id
+        # NOTE: under ddp_spawn the corpus was prepared in the workers; here it is a cached re-load.
+        corpus = prepare_corpus(config.data, config.model.vocab_size)
+        summary |= {"status": "done", "corpus_fingerprint": corpus.fingerprint, "tokenizer_id": corpus.tokenizer_id}
     except DivergenceError as error:
         summary |= {"status": "diverged", "error": f"diverged: {error}", "diverged_at_step": error.step}
     except Exception as error:
@@ -145,12 +140,14 @@ def run_training(config: RunConfig, run_dir: str | Path, *, threads: int | None 
         raise
     finally:
         if "status" in summary:
-            steps = trainer.global_step if trainer is not None else 0
+            steps, final = read_progress(run_dir / "metrics.csv")
+            if summary["status"] == "diverged":
+                steps = summary["diverged_at_step"]
             summary |= {
                 "steps": steps,
                 "tokens": steps * config.tokens_per_step,
                 "wall_time_s": round(module_wall_time(trainer) + time.time() - started, 3),
-                "final": final_values(run_dir / "metrics.csv"),
+                "final": final,
             }
             write_json_atomic(run_dir / "summary.json", summary)
     return summary
