@@ -227,3 +227,14 @@ def test_status_reports_a_failed_run_with_its_error(slurm: None, tmp_path, corpu
     assert " failed " in bad and "ConfigError: model.seq_len: the training split" in bad
     assert " done " in good
     assert lines[-1].startswith("2 runs: 1 done, 1 failed")
+
+
+def test_two_process_run_is_one_ddp_group_of_slurm_tasks(slurm: None, tmp_path, corpus):
+    grid_file = tiny_grid(tmp_path / "ddp.yaml", corpus, steps=40, sweep={"train.devices": [2]})
+    launch = submit(grid_file, tmp_path / "results")
+    (run,), (job,) = launch.started, launch.jobs
+    assert [result["status"] for result in job.results()] == ["done", "done"]  # one result per task
+    # two tasks of one job, each a rank of the DDP group, each sampling its own batches: half the steps
+    assert "MEMBER: 2/2" in job.stderr() and "MEMBER: 1/2" in job.stderr()
+    summary = json.loads((launch.grid_dir / run.run_id / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 20 and summary["tokens"] == 40 * 8 * 32
