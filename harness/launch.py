@@ -282,6 +282,12 @@ def slurm_parameters(launcher: LauncherConfig, name: str, devices: int) -> dict[
     return parameters | {key: value for key, value in optional.items() if value}
 
 
+def make_executor(cluster: str, folder: Path, launcher: LauncherConfig) -> submitit.AutoExecutor:
+    """An executor whose jobs are requeued (and resume from last.ckpt) after up to `max_requeues` timeouts."""
+    return submitit.AutoExecutor(folder, cluster=cluster, slurm_max_num_timeout=launcher.max_requeues,
+                                 local_max_num_timeout=launcher.max_requeues)
+
+
 def local_share(max_parallel: int, n_runs: int, devices: int, cores: int) -> tuple[int, int]:
     """(runs at once, torch threads per run): never more runs at once than `max_parallel`, than runs to
     do, or than the cores can give each of a run's `devices` processes; the cores are split evenly."""
@@ -362,7 +368,7 @@ def _submit_slurm(grid: Grid, launcher: LauncherConfig, runs: list[Run], grid_di
         by_devices[run.config.train.devices].append(run)
     jobs_of: dict[str, submitit.Job] = {}
     for devices, group in by_devices.items():
-        executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=launcher.max_requeues)
+        executor = make_executor("slurm", folder, launcher)
         executor.update_parameters(**slurm_parameters(launcher, grid.name, devices))
         threads = [launcher.cpus_per_task * devices] * len(group)  # the trainer splits them among the tasks
         jobs = executor.map_array(TrainJob(), [to_dict(r.config) for r in group],
@@ -397,7 +403,7 @@ def submit_grid(grid: Grid, results: Path, *, cluster: str | None = None, max_pa
     if cluster == "slurm":
         jobs = _submit_slurm(grid, launcher, runs, grid_dir, folder, log)
     else:
-        executor = submitit.AutoExecutor(folder, cluster=cluster)
+        executor = make_executor(cluster, folder, launcher)
         executor.update_parameters(timeout_min=launcher.timeout_min)
         jobs = (_run_debug(executor, runs, grid_dir, log) if cluster == "debug"
                 else _run_local(executor, runs, grid_dir, launcher.max_parallel, log, poll_s))
