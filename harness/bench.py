@@ -1,0 +1,369 @@
+"""`vwn bench`: what virtual width costs on this machine, measured against what its FLOPs predict.
+
+For each config and virtual width (m, n) it times the training step exactly as `VWNModule` trains
+(forward, losses, backward, gradient clipping, AdamW, learning-rate schedule) and reports:
+
+    tokens_per_s         tokens / median step time, after warm-up
+    mfu                  3 · forward FLOPs per token (`accounting`) · tokens_per_s / matmul rate,
+                         the matmul rate being a large fp32 `torch.mm` measured in the same process
+    overhead_measured    step time / step time at r = 1 - 1     (0.20 = +20 %)
+    overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
+    peak_mem_bytes       parameters + optimizer state + the step's peak of live tensors
+    breakdown            where the step's time goes (attention, moe, ghc, embed_head, mtp, optimizer,
+                         other), from one profiled step, in ms of the median step
+
+r = 1 is always the plain transformer (m = n = 1), the reference of the overheads. The widths are
+timed round-robin (a few steps of each in turn), so a change of machine load during the benchmark
+shifts every width alike instead of biasing the overheads. A MoE check times one MoE layer against
+a dense SwiGLU of equal active FLOPs (hidden width top_k · d_ff), forward + backward.
+
+    vwn bench --quick                    # tiny reference config only, CI smoke test (< 2 min)
+    vwn bench --m 2 8 --out bench/       # tiny and small configs, r in {1, 1.5, 2, 4, 8} at m = 2 and 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from harness.config import RunConfig, load_run_config
+from harness.grid import load_grid
+from harness.lit import VWNModule
+from harness.model import accounting
+from harness.model.moe import MixtureOfExperts, SwiGLU
+from harness.model.transformer import Attention, Block, MultiTokenPredictor, ReduceHead, WideEmbedding
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+WIDTH_FACTORS = (1.0, 1.5, 2.0, 4.0, 8.0)
+COMPONENTS = ("attention", "moe", "ghc", "embed_head", "mtp", "optimizer", "other")
+BACKWARD_NODE = "autograd::engine::evaluate_function"
+
+# training_step logs through self.log, which has nothing to log to outside a Trainer
+warnings.filterwarnings("ignore", message=".*`self.trainer` reference is not registered.*")
+
+
+def reference_config(name: str) -> RunConfig:
+    """`tiny`: the base of the quickstart grid; `small`: a wider, deeper, longer-context variant of it;
+    anything else: a run-config YAML (as for `vwn train`)."""
+    if name not in ("tiny", "small"):
+        return load_run_config(name)
+    tiny = load_grid(QUICKSTART).runs[0].config
+    if name == "tiny":
+        return tiny
+    model = dataclasses.replace(tiny.model, d_model=256, n_layers=6, n_heads=8, n_experts=8, top_k=2,
+                                d_ff=512, seq_len=256)
+    return dataclasses.replace(tiny, model=model)
+
+
+def widths(factors: list[float], ms: list[int]) -> list[tuple[int, int]]:
+    """(m, n) pairs for virtual width factors r = n/m at each m where r·m is whole. The first is always
+    (1, 1), the plain transformer that overheads are measured against."""
+    pairs = [(1, 1)]
+    for m in ms:
+        pairs += [(m, int(r * m)) for r in factors if r != 1.0 and (r * m).is_integer()]
+    return list(dict.fromkeys(pairs))
+
+
+def with_width(config: RunConfig, width: tuple[int, int]) -> RunConfig:
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, virtual_width=width))
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def matmul_flops_per_s(size: int = 4096, repeats: int = 5) -> float:
+    """Dense fp32 matmul rate of this process: a (size × size) @ (size × size) `torch.mm`."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up: thread pool, MKL buffers
+    return 2 * size**3 / median_seconds(lambda: torch.mm(a, b), repeats)
+
+
+class TrainingStep:
+    """One optimizer step of `VWNModule` on a fixed random window, as Lightning runs it."""
+
+    def __init__(self, config: RunConfig, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.config = config
+        self.module = VWNModule.from_run_config(config)
+        self.module.train()
+        optimizers = self.module.configure_optimizers()
+        self.optimizer, self.schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+        model = config.model
+        self.window = torch.randint(0, model.vocab_size, (config.train.batch_size, model.seq_len + 2))
+
+    @property
+    def tokens(self) -> int:
+        return self.window.shape[0] * self.config.model.seq_len
+
+    def __call__(self) -> None:
+        with record_function("embed_head"):  # the losses outside the model's modules
+            loss = self.module.training_step(self.window, 0)
+        loss.backward()
+        with record_function("optimizer"):
+            if self.config.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.config.optim.grad_clip)
+            self.module.on_before_optimizer_step(self.optimizer)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
+
+    def state_bytes(self) -> int:
+        """Parameters, buffers and optimizer state: the memory held between steps."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def component_of(module: nn.Module, name: str) -> str | None:
+    """Breakdown label of a module whose forward opens a profiler range (innermost wins, except mtp)."""
+    if isinstance(module, MultiTokenPredictor):
+        return "mtp"
+    if isinstance(module, Attention) or name.endswith("attn_norm"):
+        return "attention"
+    if isinstance(module, MixtureOfExperts | SwiGLU) or name.endswith("ffn_norm"):
+        return "moe"
+    if isinstance(module, Block):
+        return "ghc"  # what a block does outside its sublayers: GHC read/write, or the residual add
+    if isinstance(module, WideEmbedding | ReduceHead) or name.endswith("lm_head"):
+        return "embed_head"
+    return None
+
+
+@contextmanager
+def labelled_forward(model: nn.Module) -> Iterator[None]:
+    """Open a profiler range named by `component_of` around each labelled module's forward."""
+    open_ranges: list[record_function] = []
+
+    def enter(label: str) -> Callable:
+        def hook(*_) -> None:
+            open_ranges.append(record_function(label))
+            open_ranges[-1].__enter__()
+        return hook
+
+    def leave(*_) -> None:
+        open_ranges.pop().__exit__(None, None, None)
+
+    handles = []
+    for name, module in model.named_modules():
+        if (label := component_of(module, name)) is not None:
+            handles += [module.register_forward_pre_hook(enter(label)), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ancestry(event) -> list[str]:
+    """Names of a profiler event and its enclosing events, innermost first."""
+    names = []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    return names
+
+
+def label_of(names: list[str]) -> str:
+    """Component of a forward event: mtp if inside the MTP module, else its innermost labelled range."""
+    labels = [name for name in names if name in COMPONENTS]
+    return "mtp" if "mtp" in labels else (labels[0] if labels else "other")
+
+
+def breakdown_fractions(events) -> dict[str, float]:
+    """Share of the profiled step per component.
+
+    Forward and optimizer time (self time of each op) goes to the innermost labelled range around
+    it; each backward node (autograd::engine::evaluate_function) goes to the component of the
+    forward op that recorded it, matched through the autograd sequence number."""
+    seconds = dict.fromkeys(COMPONENTS, 0.0)
+    forward_label, backward = {}, []
+    for event in events:
+        names = ancestry(event)
+        if event.name.startswith(BACKWARD_NODE):
+            backward.append(event)
+        elif not any(name.startswith(BACKWARD_NODE) for name in names):
+            seconds[label_of(names)] += event.self_cpu_time_total
+            if event.sequence_nr >= 0:
+                forward_label[event.sequence_nr] = label_of(names)
+    for event in backward:
+        seconds[forward_label.get(event.sequence_nr, "other")] += event.cpu_time_total
+    total = sum(seconds.values())
+    return {k: v / total for k, v in seconds.items()}
+
+
+def peak_allocated(prof: profile) -> int:
+    """Peak of live tensor bytes allocated inside the profiled region.
+
+    NOTE: CPU tensors have no allocator statistics (no CPU twin of torch.cuda.max_memory_allocated);
+    the profiler's allocation events carry the running total of bytes allocated while profiling."""
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == torch._C._profiler._EventType.Allocation:
+            peak = max(peak, node.extra_fields.total_allocated)
+        stack.extend(node.children)
+    return peak
+
+
+def profile_step(step: TrainingStep) -> tuple[dict[str, float], int]:
+    """Profile one step: (breakdown fractions, peak memory in bytes)."""
+    with labelled_forward(step.module.model), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return breakdown_fractions(prof.events()), step.state_bytes() + peak_allocated(prof)
+
+
+def time_round_robin(steps: list[TrainingStep], rounds: int, per_round: int) -> list[float]:
+    """Median step seconds of each step function, timed `per_round` steps at a time in `rounds` rounds."""
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, seconds in zip(steps, times, strict=True):
+            step()  # re-warm caches after the other widths ran
+            for _ in range(per_round):
+                started = time.perf_counter()
+                step()
+                seconds.append(time.perf_counter() - started)
+    return [statistics.median(s) for s in times]
+
+
+def moe_vs_dense(config: RunConfig, repeats: int = 7) -> dict[str, float]:
+    """Forward + backward of one MoE layer vs a dense SwiGLU of hidden width top_k · d_ff (equal
+    active FLOPs but for the router's 2·D·E), on the config's batch of tokens; medians, interleaved."""
+    c = config.model
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(c.d_model, c.d_ff, c.n_experts, c.top_k, c.n_shared_experts,
+                           c.aux_free_balancing, c.bias_update_rate)
+    dense = SwiGLU(c.d_model, (c.top_k + c.n_shared_experts) * c.d_ff)
+    for p in [*moe.parameters(), *dense.parameters()]:
+        nn.init.normal_(p, std=c.init_std)
+    x = torch.randn(config.train.batch_size, c.seq_len, c.d_model, requires_grad=True)
+
+    def run(layer: nn.Module) -> None:
+        out, stats = layer(x)
+        loss = out.square().mean()
+        if stats is not None:
+            loss = loss + stats.balance_loss + stats.z_loss
+        loss.backward()
+
+    times = {"moe": [], "dense": []}
+    for _ in range(2):
+        run(moe), run(dense)
+    for _ in range(repeats):
+        for name, layer in (("moe", moe), ("dense", dense)):
+            times[name].append(median_seconds(lambda layer=layer: run(layer), 1))
+    moe_s, dense_s = statistics.median(times["moe"]), statistics.median(times["dense"])
+    return {"moe_ms": 1e3 * moe_s, "dense_ms": 1e3 * dense_s, "ratio": moe_s / dense_s}
+
+
+def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], matmul_rate: float,
+                 rounds: int, per_round: int) -> list[dict]:
+    """Every width of one config: timing, MFU, overheads, peak memory and breakdown."""
+    configs = [with_width(config, pair) for pair in pairs]
+    steps = [TrainingStep(c) for c in configs]
+    for step in steps:
+        step()  # first step: allocations, optimizer state
+    seconds = time_round_robin(steps, rounds, per_round)
+    flops = [accounting.flops_per_token(c.model)["total"] for c in configs]
+    base_seconds, base_flops = seconds[0], flops[0]
+    runs = []
+    for c, step, s, f in zip(configs, steps, seconds, flops, strict=True):
+        fractions, peak = profile_step(step)
+        runs.append({
+            "config": name,
+            "m": c.model.m,
+            "n": c.model.n,
+            "r": c.model.r,
+            "step_ms": 1e3 * s,
+            "tokens_per_s": step.tokens / s,
+            "flops_per_token": f,
+            "mfu": 3 * f * step.tokens / s / matmul_rate,
+            "overhead_measured": s / base_seconds - 1,
+            "overhead_predicted": f / base_flops - 1,
+            "peak_mem_bytes": peak,
+            "breakdown_ms": {k: 1e3 * s * v for k, v in fractions.items()},
+        })
+    return runs
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of the runs, then the matmul rate and MoE checks."""
+    head = ("| config | (m, n) | r | tokens/s | step ms | MFU | overhead meas. | overhead pred. | peak MB | "
+            + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
+    lines = [head, "|" + "---|" * (9 + len(COMPONENTS))]
+    for run in result["runs"]:
+        parts = [run["config"], f"({run['m']}, {run['n']})", f"{run['r']:g}", f"{run['tokens_per_s']:,.0f}",
+                 f"{run['step_ms']:.1f}", f"{run['mfu']:.1%}", f"{run['overhead_measured']:+.1%}",
+                 f"{run['overhead_predicted']:+.1%}", f"{run['peak_mem_bytes'] / 2**20:,.0f}"]
+        parts += [f"{run['breakdown_ms'][k]:.1f}" for k in COMPONENTS]
+        lines.append("| " + " | ".join(parts) + " |")
+    lines.append(f"\nmatmul rate: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                 f"({result['threads']} threads)")
+    for name, check in result["moe_vs_dense"].items():
+        lines.append(f"MoE check ({name}): MoE layer {check['moe_ms']:.2f} ms vs dense SwiGLU of equal active "
+                     f"FLOPs {check['dense_ms']:.2f} ms: x{check['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    columns = [k for k in result["runs"][0] if k != "breakdown_ms"] + [f"{k}_ms" for k in COMPONENTS]
+    with (out / "bench.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for run in result["runs"]:
+            row = {k: v for k, v in run.items() if k != "breakdown_ms"}
+            writer.writerow(row | {f"{k}_ms": v for k, v in run["breakdown_ms"].items()})
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vwn bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", default=["tiny", "small"], metavar="NAME_OR_YAML",
+                   help="tiny (quickstart grid base), small, or run-config YAML files (default: tiny small)")
+    p.add_argument("--m", nargs="+", type=int, default=[2], help="backbone splits m to pair with each r (default: 2)")
+    p.add_argument("--r", nargs="+", type=float, default=list(WIDTH_FACTORS), help="virtual width factors n/m")
+    p.add_argument("--quick", action="store_true", help="tiny config only, fewer timed steps (CI smoke test)")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the widths (default: 3)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per width and round (default: 4)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--out", default="bench", help="folder for bench.json and bench.csv (default: bench)")
+    return p
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = ["tiny"] if args.quick else args.config
+    rounds, per_round = (2, 3) if args.quick else (args.rounds, args.steps)
+    pairs = widths(args.r, args.m)
+    configs = {name: reference_config(name) for name in names}
+    matmul_rate = matmul_flops_per_s()
+    result = {"matmul_flops_per_s": matmul_rate, "threads": torch.get_num_threads(), "runs": [],
+              "moe_vs_dense": {}}
+    for name, config in configs.items():
+        result["runs"] += bench_config(name, config, pairs, matmul_rate, rounds, per_round)
+        if config.model.n_experts > 0:
+            result["moe_vs_dense"][name] = moe_vs_dense(config)
+    write_outputs(result, Path(args.out))
+    print(format_table(result))
+    print(f"\nwrote {Path(args.out) / 'bench.json'} and bench.csv")
+    return 0

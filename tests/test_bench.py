@@ -1,0 +1,77 @@
+"""`vwn bench`: width selection, time attribution, and the files it writes (on a toy config)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile
+
+from harness import bench
+
+# VWNModule.training_step logs through self.log, which has nowhere to log outside a Trainer
+pytestmark = pytest.mark.filterwarnings("ignore:.*`self.trainer` reference is not registered")
+
+
+def test_widths_put_the_plain_transformer_first_and_skip_fractional_slots():
+    assert bench.widths([1.0, 1.5, 2.0], [1, 2]) == [(1, 1), (1, 2), (2, 3), (2, 4)]
+    assert bench.widths([4.0], [8]) == [(1, 1), (8, 32)]
+
+
+def test_tiny_is_the_quickstart_base_and_small_is_larger():
+    tiny, small = bench.reference_config("tiny"), bench.reference_config("small")
+    assert tiny.model.virtual_width == (1, 1)
+    assert small.model.d_model > tiny.model.d_model and small.model.n_layers > tiny.model.n_layers
+
+
+def test_breakdown_sends_backward_time_to_the_forward_component():
+    config = bench.with_width(bench.reference_config("tiny"), (2, 4))
+    step = bench.TrainingStep(config)
+    with bench.labelled_forward(step.module.model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    fractions = bench.breakdown_fractions(prof.events())
+    assert sum(fractions.values()) == pytest.approx(1.0)
+    for component in ("attention", "moe", "ghc", "embed_head", "mtp", "optimizer"):
+        assert fractions[component] > 0.005, component
+    assert fractions["other"] < 0.05
+    # forward alone would leave backward nodes unmatched in "other"; backward is about 2/3 of the work
+    assert fractions["attention"] + fractions["moe"] + fractions["ghc"] > 0.1
+
+
+def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeypatch, capsys):
+    run_config = {
+        "model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 16,
+                  "n_experts": 4, "top_k": 2, "d_ff": 32, "mtp": True},
+        "train": {"batch_size": 2},
+    }
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(run_config))
+    monkeypatch.setattr(bench, "matmul_flops_per_s", lambda: 1e10)  # the 4096² matmul is slow for a unit test
+    out = tmp_path / "out"
+    assert bench.bench_main(["--config", str(path), "--m", "2", "--r", "1", "1.5", "4",
+                             "--rounds", "1", "--steps", "2", "--out", str(out)]) == 0
+
+    result = json.loads((out / "bench.json").read_text())
+    assert result["matmul_flops_per_s"] == 1e10
+    runs = result["runs"]
+    assert [(r["m"], r["n"], r["r"]) for r in runs] == [(1, 1, 1.0), (2, 3, 1.5), (2, 8, 4.0)]
+    for run in runs:
+        assert run["config"] == str(path)
+        assert run["tokens_per_s"] > 0 and run["peak_mem_bytes"] > 0 and run["mfu"] > 0
+        assert sum(run["breakdown_ms"].values()) == pytest.approx(run["step_ms"])
+    assert runs[0]["overhead_measured"] == 0.0 and runs[0]["overhead_predicted"] == 0.0
+    assert runs[2]["overhead_predicted"] > runs[1]["overhead_predicted"] > 0
+    assert result["moe_vs_dense"][str(path)]["ratio"] > 0
+
+    with (out / "bench.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and float(rows[1]["tokens_per_s"]) == pytest.approx(runs[1]["tokens_per_s"])
+    assert "| (2, 8) | 4 |" in capsys.readouterr().out
+
+
+def test_matmul_rate_is_a_plausible_flop_rate():
+    torch.manual_seed(0)
+    assert 1e8 < bench.matmul_flops_per_s(size=256, repeats=3) < 1e14
