@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m harness.demo
+	$(VENV)/bin/vwn submit experiments/quickstart.yaml
+	$(VENV)/bin/vwn report results/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -35,10 +35,18 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def launched_rank() -> int:
+    """This process's rank when a launcher started every DDP process itself (SLURM tasks); else 0.
+    Only rank 0 writes config.yaml and summary.json."""
+    return int(os.environ.get("SLURM_PROCID", "0"))
+
+
 def claim_run_dir(config: RunConfig, run_dir: Path) -> None:
     """Create the run folder and write config.yaml, or check that an existing one holds this config."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
+    if launched_rank() != 0:
+        return
     if config_path.exists():
         existing = load_run_config(config_path)
         if existing != config:
@@ -139,7 +147,7 @@ def run_training(config: RunConfig, run_dir: str | Path, *, threads: int | None 
         summary |= {"status": "failed", "error": f"{type(error).__name__}: {error}".splitlines()[0]}
         raise
     finally:
-        if "status" in summary:
+        if "status" in summary and launched_rank() == 0:
             steps, final = read_progress(run_dir / "metrics.csv")
             if summary["status"] == "diverged":
                 steps = summary["diverged_at_step"]
