@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,7 +55,7 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
     monkeypatch.setattr(bench, "matmul_flops_per_s", lambda: 1e10)  # the 4096² matmul is slow for a unit test
     out = tmp_path / "out"
     assert bench.bench_main(["--config", str(path), "--m", "2", "--r", "1", "1.5", "4",
-                             "--rounds", "1", "--steps", "2", "--out", str(out)]) == 0
+                             "--rounds", "1", "--steps", "2", "--default-malloc", "--out", str(out)]) == 0
 
     result = json.loads((out / "bench.json").read_text())
     assert result["matmul_flops_per_s"] == 1e10
@@ -70,6 +73,12 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and float(rows[1]["tokens_per_s"]) == pytest.approx(runs[1]["tokens_per_s"])
     assert "| (2, 8) | 4 |" in capsys.readouterr().out
+
+
+def test_retain_freed_memory_applies_on_glibc():
+    # in a child process: the setting is process-wide and cannot be undone
+    code = "from harness.bench import retain_freed_memory; assert retain_freed_memory()"
+    subprocess.run([sys.executable, "-c", code], check=platform.libc_ver()[0] == "glibc")
 
 
 def test_matmul_rate_is_a_plausible_flop_rate():
