@@ -76,13 +76,17 @@ class MixtureOfExperts(nn.Module):
         order = expert_of.argsort(stable=True)
         token_of = order // self.top_k  # token of each assignment, grouped by expert
         counts = torch.bincount(expert_of, minlength=self.n_experts)
-        routed = flat[token_of]
+        # NOTE: index_select and unbind rather than flat[token_of] and w_in[e]: their backward is one
+        # index_add / stack, where advanced indexing scatters with index_put and each w_in[e]
+        # zero-fills a full (E, D, 2F) gradient per expert (MoE layer 8.0 -> 7.0 ms at the tiny config).
+        routed = flat.index_select(0, token_of)
+        groups = routed.split(counts.tolist())
         outputs = [
-            swiglu(group, self.w_in[e], self.w_out[e])
-            for e, group in enumerate(routed.split(counts.tolist()))
+            swiglu(group, w_in, w_out)
+            for group, w_in, w_out in zip(groups, self.w_in.unbind(), self.w_out.unbind(), strict=True)
             if group.shape[0] > 0
         ]
-        weighted = torch.cat(outputs) * gates.flatten()[order, None].to(flat.dtype)
+        weighted = torch.cat(outputs) * gates.flatten().index_select(0, order)[:, None].to(flat.dtype)
         out = torch.zeros_like(flat).index_add_(0, token_of, weighted)
         if self.shared is not None:
             out = out + self.shared(flat)[0]
