@@ -118,7 +118,12 @@ class ReduceHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.flatten(-2)
         if self.group_norm is not None:
-            x = self.group_norm(x.flatten(0, -2)).view_as(x)
+            # NOTE: GroupNorm of (tokens, D') is a layer norm over each group of D channels, then the
+            # per-channel affine; torch's CPU GroupNorm kernel, built for large spatial maps, is 2.5x
+            # slower (7.0 vs 2.9 ms forward + backward at 2048 tokens, D' = 512, 8 groups).
+            norm = self.group_norm
+            x = F.layer_norm(x.unflatten(-1, (norm.num_groups, -1)), (x.shape[-1] // norm.num_groups,), eps=norm.eps)
+            x = torch.addcmul(norm.bias, x.flatten(-2), norm.weight)
         if self.reduce is not None:
             x = self.reduce(x)
         return self.norm(x)
