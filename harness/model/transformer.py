@@ -28,16 +28,18 @@ from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (seq_len, head_dim/2) for rotary position embeddings."""
+    """Rotary position tables of shape (seq_len, head_dim) in the layout of `apply_rotary`:
+    [cos | cos] and [-sin | sin] of the angles position · θ^(-2i/head_dim), i < head_dim/2."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by position; halves layout (GPT-NeoX style)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    """Rotate x (..., T, head_dim) by position, halves layout (GPT-NeoX style):
+    (x1, x2) -> (x1·cos - x2·sin, x2·cos + x1·sin), as x·[cos | cos] + (x2, x1)·[-sin | sin]."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -51,8 +53,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4)  # (B, heads, T, hd)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qk, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4).split([2, 1])
+        q, k = apply_rotary(qk, *rope).unbind()  # one rotation for both, each (B, heads, T, hd)
+        v = v.squeeze(0)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).flatten(-2))
 
