@@ -24,6 +24,7 @@ a dense SwiGLU of equal active FLOPs (hidden width top_k · d_ff), forward + bac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import ctypes.util
@@ -33,7 +34,6 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -116,11 +116,13 @@ def matmul_flops_per_s(size: int = 4096, repeats: int = 5) -> float:
 class TrainingStep:
     """One optimizer step of `VWNModule` on a fixed random window, as Lightning runs it."""
 
-    def __init__(self, config: RunConfig, seed: int = 0) -> None:
+    def __init__(self, config: RunConfig, compile: bool = False, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.config = config
         self.module = VWNModule.from_run_config(config)
         self.module.train()
+        if compile:
+            self.module.model.compile(dynamic=False)
         optimizers = self.module.configure_optimizers()
         self.optimizer, self.schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
         model = config.model
@@ -164,7 +166,7 @@ def component_of(module: nn.Module, name: str) -> str | None:
     return None
 
 
-@contextmanager
+@contextlib.contextmanager
 def labelled_forward(model: nn.Module) -> Iterator[None]:
     """Open a profiler range named by `component_of` around each labelled module's forward."""
     open_ranges: list[record_function] = []
@@ -240,11 +242,15 @@ def peak_allocated(prof: profile) -> int:
     return peak
 
 
-def profile_step(step: TrainingStep) -> tuple[dict[str, float], int]:
-    """Profile one step: (breakdown fractions, peak memory in bytes)."""
-    with labelled_forward(step.module.model), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+def profile_step(step: TrainingStep, breakdown: bool) -> tuple[dict[str, float] | None, int]:
+    """Profile one step: breakdown fractions (if asked) and peak memory in bytes.
+
+    NOTE: no breakdown for a compiled model: its fused kernels no longer map to modules, and the
+    labelling hooks would make it recompile."""
+    labels = labelled_forward(step.module.model) if breakdown else contextlib.nullcontext()
+    with labels, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    return breakdown_fractions(prof.events()), step.state_bytes() + peak_allocated(prof)
+    return breakdown_fractions(prof.events()) if breakdown else None, step.state_bytes() + peak_allocated(prof)
 
 
 def time_round_robin(steps: list[TrainingStep], rounds: int, per_round: int) -> list[float]:
@@ -260,7 +266,7 @@ def time_round_robin(steps: list[TrainingStep], rounds: int, per_round: int) -> 
     return [statistics.median(s) for s in times]
 
 
-def moe_vs_dense(config: RunConfig, repeats: int = 7) -> dict[str, float]:
+def moe_vs_dense(config: RunConfig, repeats: int = 15) -> dict[str, float]:
     """Forward + backward of one MoE layer vs a dense SwiGLU of hidden width top_k · d_ff (equal
     active FLOPs but for the router's 2·D·E), on the config's batch of tokens; medians, interleaved."""
     c = config.model
@@ -290,18 +296,17 @@ def moe_vs_dense(config: RunConfig, repeats: int = 7) -> dict[str, float]:
 
 
 def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], matmul_rate: float,
-                 rounds: int, per_round: int) -> list[dict]:
+                 rounds: int, per_round: int, compile: bool) -> list[dict]:
     """Every width of one config: timing, MFU, overheads, peak memory and breakdown."""
     configs = [with_width(config, pair) for pair in pairs]
-    steps = [TrainingStep(c) for c in configs]
-    for step in steps:
-        step()  # first step: allocations, optimizer state
+    steps = [TrainingStep(c, compile) for c in configs]
+    first_step = [median_seconds(step, 1) for step in steps]  # allocations, optimizer state, compilation
     seconds = time_round_robin(steps, rounds, per_round)
     flops = [accounting.flops_per_token(c.model)["total"] for c in configs]
     base_seconds, base_flops = seconds[0], flops[0]
     runs = []
-    for c, step, s, f in zip(configs, steps, seconds, flops, strict=True):
-        fractions, peak = profile_step(step)
+    for c, step, first, s, f in zip(configs, steps, first_step, seconds, flops, strict=True):
+        fractions, peak = profile_step(step, breakdown=not compile)
         runs.append({
             "config": name,
             "m": c.model.m,
@@ -314,7 +319,8 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
             "overhead_measured": s / base_seconds - 1,
             "overhead_predicted": f / base_flops - 1,
             "peak_mem_bytes": peak,
-            "breakdown_ms": {k: 1e3 * s * v for k, v in fractions.items()},
+            "first_step_s": first,
+            "breakdown_ms": {k: 1e3 * s * v for k, v in fractions.items()} if fractions else None,
         })
     return runs
 
@@ -322,16 +328,18 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
 def format_table(result: dict) -> str:
     """Markdown table of the runs, then the matmul rate and MoE checks."""
     head = ("| config | (m, n) | r | tokens/s | step ms | MFU | overhead meas. | overhead pred. | peak MB | "
-            + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
-    lines = [head, "|" + "---|" * (9 + len(COMPONENTS))]
+            "first step s | " + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
+    lines = [head, "|" + "---|" * (10 + len(COMPONENTS))]
     for run in result["runs"]:
         parts = [run["config"], f"({run['m']}, {run['n']})", f"{run['r']:g}", f"{run['tokens_per_s']:,.0f}",
                  f"{run['step_ms']:.1f}", f"{run['mfu']:.1%}", f"{run['overhead_measured']:+.1%}",
-                 f"{run['overhead_predicted']:+.1%}", f"{run['peak_mem_bytes'] / 2**20:,.0f}"]
-        parts += [f"{run['breakdown_ms'][k]:.1f}" for k in COMPONENTS]
+                 f"{run['overhead_predicted']:+.1%}", f"{run['peak_mem_bytes'] / 2**20:,.0f}",
+                 f"{run['first_step_s']:.1f}"]
+        breakdown = run["breakdown_ms"] or {}
+        parts += [f"{breakdown[k]:.1f}" if k in breakdown else "-" for k in COMPONENTS]
         lines.append("| " + " | ".join(parts) + " |")
-    lines.append(f"\nmatmul rate: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
-                 f"({result['threads']} threads, retain_freed_memory: {result['retain_freed_memory']})")
+    lines.append(f"\nmatmul rate: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; {result['threads']} threads, "
+                 f"compile: {result['compile']}, retain_freed_memory: {result['retain_freed_memory']}")
     for name, check in result["moe_vs_dense"].items():
         lines.append(f"MoE check ({name}): MoE layer {check['moe_ms']:.2f} ms vs dense SwiGLU of equal active "
                      f"FLOPs {check['dense_ms']:.2f} ms: x{check['ratio']:.2f}")
@@ -347,7 +355,7 @@ def write_outputs(result: dict, out: Path) -> None:
         writer.writeheader()
         for run in result["runs"]:
             row = {k: v for k, v in run.items() if k != "breakdown_ms"}
-            writer.writerow(row | {f"{k}_ms": v for k, v in run["breakdown_ms"].items()})
+            writer.writerow(row | {f"{k}_ms": v for k, v in (run["breakdown_ms"] or {}).items()})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -361,6 +369,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the widths (default: 3)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per width and round (default: 4)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model in place (MoE layers stay eager); no time breakdown")
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default malloc settings (skip retain_freed_memory)")
     p.add_argument("--out", default="bench", help="folder for bench.json and bench.csv (default: bench)")
@@ -373,14 +383,14 @@ def bench_main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     retained = not args.default_malloc and retain_freed_memory()
     names = ["tiny"] if args.quick else args.config
-    rounds, per_round = (2, 3) if args.quick else (args.rounds, args.steps)
+    rounds, per_round = (3, 3) if args.quick else (args.rounds, args.steps)
     pairs = widths(args.r, args.m)
     configs = {name: reference_config(name) for name in names}
     matmul_rate = matmul_flops_per_s()
-    result = {"matmul_flops_per_s": matmul_rate, "threads": torch.get_num_threads(),
+    result = {"matmul_flops_per_s": matmul_rate, "threads": torch.get_num_threads(), "compile": args.compile,
               "retain_freed_memory": retained, "runs": [], "moe_vs_dense": {}}
     for name, config in configs.items():
-        result["runs"] += bench_config(name, config, pairs, matmul_rate, rounds, per_round)
+        result["runs"] += bench_config(name, config, pairs, matmul_rate, rounds, per_round, args.compile)
         if config.model.n_experts > 0:
             result["moe_vs_dense"][name] = moe_vs_dense(config)
     write_outputs(result, Path(args.out))
