@@ -9,8 +9,11 @@ For each config and virtual width (m, n) it times the training step exactly as `
     overhead_measured    step time / step time at r = 1 - 1     (0.20 = +20 %)
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     peak_mem_bytes       parameters + optimizer state + the step's peak of live tensors
-    breakdown            where the step's time goes (attention, moe, ghc, embed_head, mtp, optimizer,
-                         other), from one profiled step, in ms of the median step
+    breakdown            where the step's time goes, from one profiled step, in ms of the median
+                         step: attention and moe (each with its pre-norm), ghc (the rest of each block:
+                         GHC read/write, or the residual add at r = 1), embed_head (embedding, reduce
+                         head, LM head calls, losses), mtp (the MTP module, its LM head call
+                         excepted), optimizer (clipping, AdamW, schedule), other (unattributed)
 
 r = 1 is always the plain transformer (m = n = 1), the reference of the overheads. The widths are
 timed round-robin (a few steps of each in turn), so a change of machine load during the benchmark
@@ -19,6 +22,7 @@ a dense SwiGLU of equal active FLOPs (hidden width top_k · d_ff), forward + bac
 
     vwn bench --quick                    # tiny reference config only, CI smoke test (< 2 min)
     vwn bench --m 2 8 --out bench/       # tiny and small configs, r in {1, 1.5, 2, 4, 8} at m = 2 and 8
+    vwn bench --quick --compile          # the same with LanguageModel.compile() (first step: compilation)
 """
 
 from __future__ import annotations
@@ -286,8 +290,9 @@ def moe_vs_dense(config: RunConfig, repeats: int = 15) -> dict[str, float]:
         loss.backward()
 
     times = {"moe": [], "dense": []}
-    for _ in range(2):
-        run(moe), run(dense)
+    for _ in range(2):  # warm-up
+        run(moe)
+        run(dense)
     for _ in range(repeats):
         for name, layer in (("moe", moe), ("dense", dense)):
             times[name].append(median_seconds(lambda layer=layer: run(layer), 1))
