@@ -246,15 +246,24 @@ def peak_allocated(prof: profile) -> int:
     return peak
 
 
-def profile_step(step: TrainingStep, breakdown: bool) -> tuple[dict[str, float] | None, int]:
-    """Profile one step: breakdown fractions (if asked) and peak memory in bytes.
+def profile_step(step: TrainingStep, breakdown: bool, attempts: int = 2) -> tuple[dict[str, float] | None, int]:
+    """Profile steps: breakdown fractions (if asked) and peak memory in bytes.
 
+    The breakdown comes from the fastest of `attempts` profiled steps: a single step can be an outlier
+    (machine load, the heap growing), and its shares would then misstate the median step.
     NOTE: no breakdown for a compiled model: its fused kernels no longer map to modules, and the
     labelling hooks would make it recompile."""
-    labels = labelled_forward(step.module.model) if breakdown else contextlib.nullcontext()
-    with labels, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    return breakdown_fractions(prof.events()) if breakdown else None, step.state_bytes() + peak_allocated(prof)
+    fastest, fractions, peak = float("inf"), None, 0
+    for _ in range(attempts):
+        labels = labelled_forward(step.module.model) if breakdown else contextlib.nullcontext()
+        started = time.perf_counter()
+        with labels, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        seconds = time.perf_counter() - started
+        peak = max(peak, peak_allocated(prof))
+        if breakdown and seconds < fastest:
+            fastest, fractions = seconds, breakdown_fractions(prof.events())
+    return fractions, step.state_bytes() + peak
 
 
 def time_round_robin(steps: list[TrainingStep], rounds: int, per_round: int) -> list[float]:
