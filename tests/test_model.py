@@ -46,10 +46,11 @@ def test_both_heads_are_causal(virtual_width, dynamic):
     changed[:, t] = (changed[:, t] + 1) % TINY.vocab_size
     with torch.no_grad():
         a, b = model(x), model(changed)
-    assert torch.equal(a.logits[:, :t], b.logits[:, :t])
+    # NOTE: not bit-equal: with 2 threads MKL's rounding of a small expert matmul depends on its row count
+    torch.testing.assert_close(a.logits[:, :t], b.logits[:, :t], rtol=0, atol=1e-5)
     assert not torch.allclose(a.logits[:, t], b.logits[:, t])
     # MTP at position t-1 reads the embedding of token t, so only positions < t-1 must be untouched
-    assert torch.equal(a.mtp_logits[:, : t - 1], b.mtp_logits[:, : t - 1])
+    torch.testing.assert_close(a.mtp_logits[:, : t - 1], b.mtp_logits[:, : t - 1], rtol=0, atol=1e-5)
     assert not torch.allclose(a.mtp_logits[:, t - 1], b.mtp_logits[:, t - 1])
 
 
