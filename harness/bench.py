@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import statistics
@@ -47,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from harness.config import RunConfig, load_run_config
 from harness.grid import load_grid
 from harness.lit import VWNModule
+from harness.memory import retain_freed_memory
 from harness.model import accounting
 from harness.model.moe import MixtureOfExperts, SwiGLU
 from harness.model.transformer import Attention, Block, MultiTokenPredictor, ReduceHead, WideEmbedding
@@ -58,21 +57,6 @@ BACKWARD_NODE = "autograd::engine::evaluate_function"
 
 # training_step logs through self.log, which has nothing to log to outside a Trainer
 warnings.filterwarnings("ignore", message=".*`self.trainer` reference is not registered.*")
-
-
-def retain_freed_memory() -> bool:
-    """Make glibc malloc serve large blocks from the heap and keep freed memory for reuse; True if applied.
-
-    NOTE: by default glibc maps every block above its mmap threshold (dynamic, at most 32 MB) fresh
-    from the kernel and unmaps it on free, so each training step pays page faults (and the kernel's
-    zeroing) for its large tensors: at the tiny config the (2048 × 4096) logits alone are 33.5 MB,
-    and the step takes twice as long. A training process reaches the same peak every step, so
-    keeping that memory costs nothing. Call once, at the start of the process that trains."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not hasattr(libc, "mallopt"):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def reference_config(name: str) -> RunConfig:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.config import OptimConfig, RunConfig, from_dict, to_dict
+from harness.memory import retain_freed_memory
 from harness.model import LanguageModel
 
 # Lightning's start-up banners and the "srun is available but not used" hint are noise in run logs.
@@ -53,7 +54,10 @@ class VWNModule(L.LightningModule):
         self.threads = torch.get_num_threads()  # intra-op threads of each training process
 
     def setup(self, stage: str) -> None:
-        torch.set_num_threads(self.threads)  # NOTE: ddp_spawn workers start with torch's default
+        # NOTE: runs in every training process, ddp_spawn workers included, which start with torch's
+        # default threads and glibc's default malloc (which re-maps large tensors every step: ~2× slower)
+        torch.set_num_threads(self.threads)
+        retain_freed_memory()
 
     @classmethod
     def from_run_config(cls, config: RunConfig) -> VWNModule:

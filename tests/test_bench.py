@@ -78,7 +78,7 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
 
 def test_retain_freed_memory_applies_on_glibc():
     # in a child process: the setting is process-wide and cannot be undone
-    code = "from harness.bench import retain_freed_memory; assert retain_freed_memory()"
+    code = "from harness.memory import retain_freed_memory; assert retain_freed_memory()"
     subprocess.run([sys.executable, "-c", code], check=platform.libc_ver()[0] == "glibc")
 
 
