@@ -111,6 +111,52 @@ def test_read_takes_first_m_slots_and_write_is_cyclic_at_init():
         torch.testing.assert_close(out[..., slot, :], h[..., slot, :] + segments[..., slot % 2, :])
 
 
+def paper_dghc(ghc: GeneralizedHyperConnection, h: torch.Tensor, sublayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's §4 equations, token by token and slot by slot as printed: (sublayer input x, new state)."""
+    m, n, d_b = ghc.m, ghc.n, ghc.d_slot
+    w_alpha, w_beta = ghc.coeff_proj[:, : m + n], ghc.coeff_proj[:, m + n :]
+    s_alpha, s_beta = ghc.coeff_scale[:, : m + n], ghc.coeff_scale[:, m + n :].T  # S_β is (m, n)
+    xs, outs = [], []
+    for h_t in h.reshape(-1, n, d_b):
+        h_bar = F.rms_norm(h_t, (d_b,), eps=ghc.eps)
+        a = s_alpha * torch.tanh(h_bar @ w_alpha / d_b**0.5) + ghc.static_a  # 𝓐 (n, m+n)
+        b = (s_beta.T * torch.tanh(h_bar @ w_beta / d_b**0.5)).T + ghc.static_b  # 𝓑 (m, n)
+        x = a[:, :m].T @ h_t  # Åᵀ H (m, d_b)
+        z = sublayer(x.flatten()).view(m, d_b)
+        xs.append(x.flatten())
+        outs.append(b.T @ z + a[:, m:].T @ h_t)
+    return torch.stack(xs).view(*h.shape[:-2], -1), torch.stack(outs).view_as(h)
+
+
+@pytest.mark.parametrize("m, n", [(2, 3), (2, 8), (4, 4), (1, 3)])
+def test_dynamic_ghc_matches_the_papers_equations_off_init(m, n):
+    torch.manual_seed(0)
+    ghc = GeneralizedHyperConnection(d_model=16, m=m, n=n, dynamic=True)
+    with torch.no_grad():
+        for p in ghc.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    h = torch.randn(2, 3, n, 16 // m)
+    weight = torch.randn(16, 16) / 4
+    sublayer = lambda x: torch.tanh(x @ weight)  # any token-wise map of width D
+    x, mix = ghc.read(h)
+    out = ghc.write(h, sublayer(x), mix)
+    expected_x, expected_out = paper_dghc(ghc, h, sublayer)
+    torch.testing.assert_close(x, expected_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_coefficients_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    ghc = GeneralizedHyperConnection(d_model=16, m=2, n=4, dynamic=True)
+    with torch.no_grad():
+        ghc.coeff_proj.normal_()
+    h = torch.randn(2, 3, 4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = ghc.mixing(h)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, ghc.mixing(h))
+
+
 @pytest.mark.parametrize("name, index", [("static_a", (1, 4)), ("static_b", (0, 2)), ("static_a", (2, 0))])
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_changing_a_static_mixing_entry_changes_the_output(name, index, dynamic):

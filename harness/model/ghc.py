@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 Mixing = tuple[torch.Tensor, torch.Tensor]
@@ -71,13 +70,14 @@ class GeneralizedHyperConnection(nn.Module):
         static = torch.cat([self.static_a, self.static_b.T], dim=1)
         if not self.dynamic:
             return static
-        normed = F.rms_norm(h.float(), (self.d_slot,), eps=self.eps)
-        # NOTE: torch's CPU tanh is ~10x slower than its sigmoid; tanh(x) = 2·sigmoid(2x) - 1 would save
-        # ~0.7 ms per GHC at 2048 tokens, (2, 16), but changes rounding, and the bit-exact causality test
-        # is sensitive to any rounding change: with 2 MKL threads, the rows of a small expert GEMM
-        # (< 12 tokens) depend on how many tokens the expert got, so a changed token can alter the bits
-        # of earlier positions.
-        return static + self.coeff_scale * torch.tanh(normed @ self.coeff_proj / self.temperature)
+        with torch.autocast(h.device.type, enabled=False):  # coefficient maths in fp32, even under autocast
+            h = h.float()
+            # NOTE: RMSNorm(H) W = diag(1/rms(H)) (H W): the per-slot scale is applied to the (n, 2m+n)
+            # projection instead of the (n, d_b) state, which is never materialised normalised
+            # (one GHC at (2, 16), 2048 tokens, fwd+bwd: 15.3 -> 13.3 ms with the fused write below).
+            mean_square = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square() / self.d_slot
+            projection = (h @ (self.coeff_proj / self.temperature)) * torch.rsqrt(mean_square + self.eps)
+            return torch.addcmul(static, self.coeff_scale, torch.tanh(projection))
 
     def read(self, h: torch.Tensor) -> tuple[torch.Tensor, Mixing | None]:
         """h (batch, seq, n, d_b) -> sublayer input x (batch, seq, D), and what `write` needs."""
@@ -93,5 +93,9 @@ class GeneralizedHyperConnection(nn.Module):
         """State h (batch, seq, n, d_b) and sublayer output z (batch, seq, D) -> new state (batch, seq, n, d_b)."""
         if self.is_residual:
             return h + z.view_as(h)
-        carry, b_t = mix  # Âᵀ H (batch, seq, n, d_b), Bᵀ (..., n, m)
-        return carry + b_t @ z.unflatten(-1, (self.m, self.d_slot))
+        carry, b_t = mix  # Âᵀ H (batch, seq, n, d_b); Bᵀ (batch, seq, n, m), or (n, m) if static
+        tokens = carry.shape[:-2]
+        b_t = b_t.expand(*tokens, self.n, self.m).flatten(0, -3)
+        # Âᵀ H + Bᵀ Z in one baddbmm over the flattened tokens: the sum accumulates in the product's output
+        new = torch.baddbmm(carry.flatten(0, -3), b_t, z.reshape(-1, self.m, self.d_slot))
+        return new.view(*tokens, self.n, self.d_slot)
