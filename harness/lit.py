@@ -58,6 +58,8 @@ class VWNModule(L.LightningModule):
         # default threads and glibc's default malloc (which re-maps large tensors every step: ~2× slower)
         torch.set_num_threads(self.threads)
         retain_freed_memory()
+        if self.run_config.train.compile:
+            self.model.compile(dynamic=False)
 
     @classmethod
     def from_run_config(cls, config: RunConfig) -> VWNModule:

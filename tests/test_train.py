@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch._dynamo.utils
 import yaml
 
 from harness.config import load_run_config
@@ -92,6 +94,23 @@ def test_run_without_mtp_leaves_next2_empty(tmp_path, tiny_corpus):
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert summary["final"]["val/loss_next2"] is None
     assert not any(r["train/loss_next2"] or r["val/loss_next2"] for r in rows)
+
+
+def test_compiled_run_follows_the_eager_run(tmp_path, tiny_corpus):
+    steps = {"tokens": 10 * 8 * 32, "val_every": 10, "log_every": 2}
+    runs = {}
+    torch._dynamo.utils.counters.clear()
+    for compile in (False, True):
+        folder = tmp_path / f"compile_{compile}"
+        folder.mkdir()
+        path = tiny_config_file(folder, tiny_corpus, train=steps | {"compile": compile})
+        runs[compile] = run_training(load_run_config(path), tmp_path / f"run_{compile}", threads=1)
+        assert runs[compile]["status"] == "done"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the model really ran compiled
+    eager, compiled = (losses_by_step(read_metrics(tmp_path / f"run_{c}" / "metrics.csv")) for c in (False, True))
+    assert compiled.keys() == eager.keys()
+    for key, value in eager.items():  # fused kernels may round differently; the trajectory is the same
+        assert compiled[key] == pytest.approx(value, abs=2e-3), key
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
