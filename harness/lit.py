@@ -9,7 +9,6 @@ import warnings
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from harness.config import OptimConfig, RunConfig, from_dict, to_dict
 from harness.memory import retain_freed_memory
@@ -68,13 +67,10 @@ class VWNModule(L.LightningModule):
     def losses(self, window: torch.Tensor) -> dict[str, torch.Tensor]:
         """window (B, seq_len + 2) -> next-token loss, next-2-token loss (if MTP), MoE aux loss."""
         seq_len = self.run_config.model.seq_len
-        out = self.model(window[:, :seq_len], next_token=window[:, seq_len])
-        losses = {
-            "loss_ntp": F.cross_entropy(out.logits.flatten(0, 1).float(), window[:, 1 : seq_len + 1].flatten()),
-            "aux_loss": out.aux_loss,
-        }
-        if out.mtp_logits is not None:
-            losses["loss_next2"] = F.cross_entropy(out.mtp_logits.flatten(0, 1).float(), window[:, 2:].flatten())
+        out = self.model(window[:, :seq_len], targets=window[:, 1:])
+        losses = {"loss_ntp": out.loss_ntp, "aux_loss": out.aux_loss}
+        if out.loss_next2 is not None:
+            losses["loss_next2"] = out.loss_next2
         return losses | out.router
 
     def training_step(self, window: torch.Tensor, batch_idx: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 
 from harness.model.config import ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection
+from harness.model.loss import linear_cross_entropy
 from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
 
 
@@ -158,10 +159,12 @@ class MultiTokenPredictor(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V), next token
-    mtp_logits: torch.Tensor | None  # (B, T, V), token t+2 at position t; None without MTP
+    logits: torch.Tensor | None  # (B, T, V), next token; None when the model was given targets
+    mtp_logits: torch.Tensor | None  # (B, T, V), token t+2 at position t; None without MTP or with targets
     aux_loss: torch.Tensor  # scalar: weighted MoE balancing terms over all MoE layers
     router: dict[str, torch.Tensor] = field(default_factory=dict)  # detached per-step means, for logging
+    loss_ntp: torch.Tensor | None = None  # scalar next-token cross-entropy, only with targets
+    loss_next2: torch.Tensor | None = None  # scalar next-2-token cross-entropy, only with targets and MTP
 
 
 class LanguageModel(nn.Module):
@@ -220,29 +223,43 @@ class LanguageModel(nn.Module):
         cos, sin = rotary_tables(seq_len, self.config.d_model // self.config.n_heads, self.config.rope_theta)
         return cos.to(self.rope_cos.device), sin.to(self.rope_cos.device)
 
-    def forward(self, tokens: torch.Tensor, next_token: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, next_token: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> ModelOutput:
         """tokens (B, T) -> ModelOutput.
 
         The MTP head at position t reads the embedding of token t+1. `next_token` (B,) is the token
         after the window, giving the last position its lookahead; without it the last position's
-        MTP logits see a zero embedding and should be left out of any loss."""
-        rope = self.rope(tokens.shape[1])
+        MTP logits see a zero embedding and should be left out of any loss.
+
+        With `targets` (B, T+1), the tokens at positions 1..T+1 of the text (targets[:, t] follows
+        tokens[:, t]), the output holds the next-token and next-2-token losses instead of logits, computed
+        chunk by chunk without (B, T, V) tensors (`linear_cross_entropy`); next_token is then targets[:, T-1]."""
+        seq_len = tokens.shape[1]
+        if targets is not None:
+            next_token = targets[:, seq_len - 1]
+        rope = self.rope(seq_len)
         embedded = self.embed(tokens)  # (B, T, n, d_b)
         h = embedded
         stats: list[RouterStats] = []
         for block in self.blocks:
             h, layer_stats = block(h, rope)
             stats.append(layer_stats)
-        logits = self.lm_head(self.head(h))
+        features = self.head(h)  # (B, T, D), the LM head's input
 
-        mtp_logits = None
+        mtp_features = None
         if self.mtp is not None:
             last = self.embed(next_token[:, None]) if next_token is not None else torch.zeros_like(embedded[:, :1])
             next_embed = torch.cat([embedded[:, 1:], last], dim=1)
-            mtp_hidden, mtp_stats = self.mtp(h, next_embed, rope)
+            mtp_features, mtp_stats = self.mtp(h, next_embed, rope)
             stats.append(mtp_stats)
-            mtp_logits = self.lm_head(mtp_hidden)
-        return ModelOutput(logits, mtp_logits, *self._router_terms(stats))
+        aux_loss, router = self._router_terms(stats)
+        if targets is None:
+            mtp_logits = self.lm_head(mtp_features) if mtp_features is not None else None
+            return ModelOutput(self.lm_head(features), mtp_logits, aux_loss, router)
+        head = self.lm_head.weight
+        loss_ntp = linear_cross_entropy(features, head, targets[:, :seq_len])
+        loss_next2 = linear_cross_entropy(mtp_features, head, targets[:, 1:]) if mtp_features is not None else None
+        return ModelOutput(None, None, aux_loss, router, loss_ntp, loss_next2)
 
     def _router_terms(self, stats: list[RouterStats | None]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         routed = [s for s in stats if s is not None]
