@@ -30,10 +30,15 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     for start in range(0, hidden.shape[0], rows):
         h, y = hidden[start : start + rows], targets[start : start + rows]
         logits = h @ weight.T  # (rows, V)
-        log_norm = logits.logsumexp(dim=-1)
-        total += log_norm.sum() - logits.gather(1, y[:, None]).sum()
+        total -= logits.gather(1, y[:, None]).sum()
+        # NOTE: one exp pass gives both the log-normaliser and the softmax (logsumexp, then exp for the
+        # softmax, would run it twice); everything happens in place of the logits
+        peak = logits.amax(dim=-1, keepdim=True)
+        exp = logits.sub_(peak).exp_()
+        norm = exp.sum(dim=-1, keepdim=True)
+        total += (peak + norm.log()).sum()
         if with_grads:
-            grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
+            grad = exp.div_(norm)  # softmax
             grad[torch.arange(len(y)), y] -= 1.0
             torch.mm(grad, weight, out=grad_hidden[start : start + rows])
             grad_weight.addmm_(grad.T, h)
