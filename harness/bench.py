@@ -8,6 +8,10 @@ For each config and virtual width (m, n) it times the training step exactly as `
                          the matmul rate being a large fp32 `torch.mm` measured in the same process
     overhead_measured    step time / step time at r = 1 - 1     (0.20 = +20 %)
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
+    mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
+                         (mm, bmm, addmm, baddbmm, recorded with shapes in a profiled step), each as
+                         fast as it runs alone with warm caches (`matmul_ms`): an upper bound for
+                         this model on this machine, whatever happens to the rest of the step
     peak_mem_bytes       parameters + optimizer state + the step's peak of live tensors
     breakdown            where the step's time goes, from one profiled step, in ms of the median
                          step: attention and moe (each with its pre-norm), ghc (the rest of each block:
@@ -28,10 +32,12 @@ a dense SwiGLU of equal active FLOPs (hidden width top_k · d_ff), forward + bac
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import dataclasses
 import json
+import math
 import statistics
 import time
 import warnings
@@ -230,24 +236,62 @@ def peak_allocated(prof: profile) -> int:
     return peak
 
 
-def profile_step(step: TrainingStep, breakdown: bool, attempts: int = 2) -> tuple[dict[str, float] | None, int]:
-    """Profile steps: breakdown fractions (if asked) and peak memory in bytes.
+# Dense matmul kernels and their operand count (addmm/baddbmm: the added tensor, then the two factors)
+MATMULS: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
+    "aten::mm": (torch.mm, 2), "aten::bmm": (torch.bmm, 2),
+    "aten::addmm": (torch.addmm, 3), "aten::addmm_": (torch.addmm, 3), "aten::baddbmm": (torch.baddbmm, 3),
+}
+MatmulCall = tuple[str, tuple[tuple[int, ...], ...]]  # kernel name, operand shapes
+
+
+def matmul_calls(events) -> collections.Counter[MatmulCall]:
+    """Every dense matmul kernel call among profiled events (recorded with shapes), counted by
+    (kernel, operand shapes); a kernel called from inside another one is counted once, as the outer."""
+    calls: collections.Counter[MatmulCall] = collections.Counter()
+    for event in events:
+        if event.name in MATMULS and not any(name in MATMULS for name in ancestry(event)[1:]):
+            operands = MATMULS[event.name][1]
+            calls[event.name, tuple(tuple(shape) for shape in event.input_shapes[:operands])] += 1
+    return calls
+
+
+def matmul_flops(call: MatmulCall) -> int:
+    """2·M·K·N, times the batch for bmm/baddbmm."""
+    a, b = call[1][-2:]
+    return 2 * math.prod(a) * b[-1]
+
+
+def matmul_seconds(calls: collections.Counter[MatmulCall], repeats: int = 5) -> float:
+    """Time the calls would take alone: each distinct call timed standalone (median, warm caches) × its count."""
+    total = 0.0
+    for call, count in calls.items():
+        kernel = MATMULS[call[0]][0]
+        operands = [torch.randn(shape) for shape in call[1]]
+        kernel(*operands)
+        total += count * median_seconds(lambda kernel=kernel, operands=operands: kernel(*operands), repeats)
+    return total
+
+
+def profile_step(step: TrainingStep, breakdown: bool, attempts: int = 2
+                 ) -> tuple[dict[str, float] | None, int, collections.Counter[MatmulCall]]:
+    """Profile steps: breakdown fractions (if asked), peak memory in bytes, and the step's matmul calls.
 
     The breakdown comes from the fastest of `attempts` profiled steps: a single step can be an outlier
     (machine load, the heap growing), and its shares would then misstate the median step.
     NOTE: no breakdown for a compiled model: its fused kernels no longer map to modules, and the
     labelling hooks would make it recompile."""
-    fastest, fractions, peak = float("inf"), None, 0
+    fastest, fractions, peak, calls = float("inf"), None, 0, collections.Counter()
     for _ in range(attempts):
         labels = labelled_forward(step.module.model) if breakdown else contextlib.nullcontext()
         started = time.perf_counter()
-        with labels, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with labels, profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
             step()
         seconds = time.perf_counter() - started
         peak = max(peak, peak_allocated(prof))
+        calls = matmul_calls(prof.events())
         if breakdown and seconds < fastest:
             fastest, fractions = seconds, breakdown_fractions(prof.events())
-    return fractions, step.state_bytes() + peak
+    return fractions, step.state_bytes() + peak, calls
 
 
 def time_round_robin(steps: list[TrainingStep], rounds: int, per_round: int) -> list[float]:
@@ -304,7 +348,8 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
     base_seconds, base_flops = seconds[0], flops[0]
     runs = []
     for c, step, first, s, f in zip(configs, steps, first_step, seconds, flops, strict=True):
-        fractions, peak = profile_step(step, breakdown=not compile)
+        fractions, peak, calls = profile_step(step, breakdown=not compile)
+        matmul_s = matmul_seconds(calls)
         runs.append({
             "config": name,
             "m": c.model.m,
@@ -314,6 +359,10 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
             "tokens_per_s": step.tokens / s,
             "flops_per_token": f,
             "mfu": 3 * f * step.tokens / s / matmul_rate,
+            # the MFU if the step were nothing but its dense matmuls, each as fast as it runs alone
+            "mfu_ceiling": 3 * f * step.tokens / matmul_s / matmul_rate,
+            "matmul_ms": 1e3 * matmul_s,
+            "matmul_gflop": sum(count * matmul_flops(call) for call, count in calls.items()) / 1e9,
             "overhead_measured": s / base_seconds - 1,
             "overhead_predicted": f / base_flops - 1,
             "peak_mem_bytes": peak,
@@ -325,12 +374,13 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
 
 def format_table(result: dict) -> str:
     """Markdown table of the runs, then the matmul rate and MoE checks."""
-    head = ("| config | (m, n) | r | tokens/s | step ms | MFU | overhead meas. | overhead pred. | peak MB | "
-            "first step s | " + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
-    lines = [head, "|" + "---|" * (10 + len(COMPONENTS))]
+    head = ("| config | (m, n) | r | tokens/s | step ms | MFU | MFU ceiling | overhead meas. | overhead pred. | "
+            "peak MB | first step s | " + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
+    lines = [head, "|" + "---|" * (11 + len(COMPONENTS))]
     for run in result["runs"]:
         parts = [run["config"], f"({run['m']}, {run['n']})", f"{run['r']:g}", f"{run['tokens_per_s']:,.0f}",
-                 f"{run['step_ms']:.1f}", f"{run['mfu']:.1%}", f"{run['overhead_measured']:+.1%}",
+                 f"{run['step_ms']:.1f}", f"{run['mfu']:.1%}", f"{run['mfu_ceiling']:.1%}",
+                 f"{run['overhead_measured']:+.1%}",
                  f"{run['overhead_predicted']:+.1%}", f"{run['peak_mem_bytes'] / 2**20:,.0f}",
                  f"{run['first_step_s']:.1f}"]
         breakdown = run["breakdown_ms"] or {}

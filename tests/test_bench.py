@@ -45,6 +45,21 @@ def test_breakdown_sends_backward_time_to_the_forward_component():
     assert fractions["attention"] + fractions["moe"] + fractions["ghc"] > 0.1
 
 
+def test_matmul_calls_count_each_kernel_call_with_its_shapes_and_flops():
+    a, b, x, w = torch.randn(8, 16), torch.randn(16, 4), torch.randn(3, 8, 16), torch.randn(3, 16, 5)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.mm(a, b)
+        torch.mm(a, b)
+        torch.nn.functional.linear(a, torch.randn(6, 16), torch.randn(6))  # addmm
+        torch.bmm(x, w)
+        a.relu()
+    calls = bench.matmul_calls(prof.events())
+    assert calls == {("aten::mm", ((8, 16), (16, 4))): 2, ("aten::addmm", ((6,), (8, 16), (16, 6))): 1,
+                     ("aten::bmm", ((3, 8, 16), (3, 16, 5))): 1}
+    assert [bench.matmul_flops(call) for call in calls] == [2 * 8 * 16 * 4, 2 * 8 * 16 * 6, 2 * 3 * 8 * 16 * 5]
+    assert bench.matmul_seconds(calls, repeats=1) > 0
+
+
 def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeypatch, capsys):
     run_config = {
         "model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 16,
@@ -65,6 +80,8 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
     for run in runs:
         assert run["config"] == str(path)
         assert run["tokens_per_s"] > 0 and run["peak_mem_bytes"] > 0 and run["mfu"] > 0
+        assert run["mfu_ceiling"] > run["mfu"] and 0 < run["matmul_ms"] < run["step_ms"]
+        assert run["matmul_gflop"] > 0
         assert sum(run["breakdown_ms"].values()) == pytest.approx(run["step_ms"])
     assert runs[0]["overhead_measured"] == 0.0 and runs[0]["overhead_predicted"] == 0.0
     assert runs[2]["overhead_predicted"] > runs[1]["overhead_predicted"] > 0
