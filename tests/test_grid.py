@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.config import ConfigError, RunConfig, from_dict
+from harness.config import ConfigError, RunConfig, from_dict, load_run_config
 from harness.grid import LauncherConfig, load_grid
 
 BASE = {"model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "seq_len": 32},
@@ -130,3 +130,13 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match=f"{bad}: expected a mapping at the top level"):
         load_grid(bad)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_shipped_experiment_file_loads(path: Path) -> None:
+    """Grid files (they have a `base`) expand to validated runs; the others are run configs for vwn train."""
+    if "base" in yaml.safe_load(path.read_text()):
+        assert load_grid(path).runs
+    else:
+        assert load_run_config(path).max_steps > 0
