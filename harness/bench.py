@@ -9,7 +9,7 @@ For each config and virtual width (m, n) it times the training step exactly as `
     overhead_measured    step time / step time at r = 1 - 1     (0.20 = +20 %)
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
-                         (mm, bmm, addmm, baddbmm, recorded with shapes in a profiled step), each as
+                         (mm, bmm, addmm, baddbmm, recorded with shapes in one step), each as
                          fast as it runs alone with warm caches (`matmul_ms`): an upper bound for
                          this model on this machine, whatever happens to the rest of the step
     peak_mem_bytes       parameters + optimizer state + the step's peak of live tensors
@@ -47,11 +47,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.config import RunConfig, load_run_config
 from harness.grid import load_grid
 from harness.lit import VWNModule
-from harness.memory import retain_freed_memory
+from harness.memory import release_freed_memory, retain_freed_memory
 from harness.model import accounting
 from harness.model.moe import MixtureOfExperts, SwiGLU
 from harness.model.transformer import Attention, Block, MultiTokenPredictor, ReduceHead, WideEmbedding
@@ -244,15 +245,19 @@ MATMULS: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
 MatmulCall = tuple[str, tuple[tuple[int, ...], ...]]  # kernel name, operand shapes
 
 
-def matmul_calls(events) -> collections.Counter[MatmulCall]:
-    """Every dense matmul kernel call among profiled events (recorded with shapes), counted by
-    (kernel, operand shapes); a kernel called from inside another one is counted once, as the outer."""
-    calls: collections.Counter[MatmulCall] = collections.Counter()
-    for event in events:
-        if event.name in MATMULS and not any(name in MATMULS for name in ancestry(event)[1:]):
-            operands = MATMULS[event.name][1]
-            calls[event.name, tuple(tuple(shape) for shape in event.input_shapes[:operands])] += 1
-    return calls
+class MatmulRecorder(TorchDispatchMode):
+    """Counts every dense matmul kernel call run under it, forward and backward, by (kernel, operand
+    shapes). Dispatch sees ops after decomposition, so F.linear shows up as the mm or addmm it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[MatmulCall] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = f"aten::{func.overloadpacket.__name__}"
+        if name in MATMULS:
+            self.calls[name, tuple(tuple(a.shape) for a in args[: MATMULS[name][1]])] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def matmul_flops(call: MatmulCall) -> int:
@@ -280,18 +285,21 @@ def profile_step(step: TrainingStep, breakdown: bool, attempts: int = 2
     (machine load, the heap growing), and its shares would then misstate the median step.
     NOTE: no breakdown for a compiled model: its fused kernels no longer map to modules, and the
     labelling hooks would make it recompile."""
-    fastest, fractions, peak, calls = float("inf"), None, 0, collections.Counter()
+    fastest, fractions, peak = float("inf"), None, 0
     for _ in range(attempts):
         labels = labelled_forward(step.module.model) if breakdown else contextlib.nullcontext()
         started = time.perf_counter()
-        with labels, profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        with labels, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
         seconds = time.perf_counter() - started
         peak = max(peak, peak_allocated(prof))
-        calls = matmul_calls(prof.events())
         if breakdown and seconds < fastest:
             fastest, fractions = seconds, breakdown_fractions(prof.events())
-    return fractions, step.state_bytes() + peak, calls
+    # NOTE: not from the profiler: recording shapes while profiling memory grew the heap to 24 GB over
+    # the small config's widths (its records fragment the heap between tensor blocks)
+    with MatmulRecorder() as recorder:
+        step()
+    return fractions, step.state_bytes() + peak, recorder.calls
 
 
 def time_round_robin(steps: list[TrainingStep], rounds: int, per_round: int) -> list[float]:
@@ -350,6 +358,7 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
     for c, step, first, s, f in zip(configs, steps, first_step, seconds, flops, strict=True):
         fractions, peak, calls = profile_step(step, breakdown=not compile)
         matmul_s = matmul_seconds(calls)
+        release_freed_memory()
         runs.append({
             "config": name,
             "m": c.model.m,

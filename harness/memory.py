@@ -6,6 +6,10 @@ import ctypes
 import ctypes.util
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
 def retain_freed_memory() -> bool:
     """Make glibc malloc serve large blocks from the heap and keep freed memory for reuse; True if applied.
 
@@ -14,8 +18,18 @@ def retain_freed_memory() -> bool:
     zeroing) for its large tensors: at the tiny config the (2048 × 4096) logits alone are 33.5 MB,
     and the step takes twice as long. A training process reaches the same peak every step, so
     keeping that memory costs nothing. Call once, at the start of the process that trains."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = _libc()
     if not hasattr(libc, "mallopt"):  # not glibc
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc malloc_trim); True if any were released.
+
+    For a process that retains freed memory and then allocates many differently shaped tensors (the
+    benchmark's standalone matmul timings): their freed blocks would otherwise stay resident, scattered
+    between live ones. The next step re-faults what it needs, so call it outside timed regions."""
+    libc = _libc()
+    return hasattr(libc, "malloc_trim") and bool(libc.malloc_trim(0))

@@ -45,19 +45,23 @@ def test_breakdown_sends_backward_time_to_the_forward_component():
     assert fractions["attention"] + fractions["moe"] + fractions["ghc"] > 0.1
 
 
-def test_matmul_calls_count_each_kernel_call_with_its_shapes_and_flops():
+def test_matmul_recorder_counts_each_kernel_call_with_its_shapes_and_flops():
     a, b, x, w = torch.randn(8, 16), torch.randn(16, 4), torch.randn(3, 8, 16), torch.randn(3, 16, 5)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    weight = torch.randn(6, 16, requires_grad=True)
+    with bench.MatmulRecorder() as recorder:
         torch.mm(a, b)
         torch.mm(a, b)
-        torch.nn.functional.linear(a, torch.randn(6, 16), torch.randn(6))  # addmm
+        torch.nn.functional.linear(a, weight, torch.randn(6)).sum().backward()  # addmm, and mm for its grad
         torch.bmm(x, w)
         a.relu()
-    calls = bench.matmul_calls(prof.events())
-    assert calls == {("aten::mm", ((8, 16), (16, 4))): 2, ("aten::addmm", ((6,), (8, 16), (16, 6))): 1,
-                     ("aten::bmm", ((3, 8, 16), (3, 16, 5))): 1}
-    assert [bench.matmul_flops(call) for call in calls] == [2 * 8 * 16 * 4, 2 * 8 * 16 * 6, 2 * 3 * 8 * 16 * 5]
-    assert bench.matmul_seconds(calls, repeats=1) > 0
+    assert recorder.calls == {
+        ("aten::mm", ((8, 16), (16, 4))): 2, ("aten::addmm", ((6,), (8, 16), (16, 6))): 1,
+        ("aten::mm", ((6, 8), (8, 16))): 1, ("aten::bmm", ((3, 8, 16), (3, 16, 5))): 1,
+    }
+    flops = {call: bench.matmul_flops(call) for call in recorder.calls}
+    assert flops[("aten::bmm", ((3, 8, 16), (3, 16, 5)))] == 2 * 3 * 8 * 16 * 5
+    assert flops[("aten::addmm", ((6,), (8, 16), (16, 6)))] == 2 * 8 * 16 * 6
+    assert bench.matmul_seconds(recorder.calls, repeats=1) > 0
 
 
 def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeypatch, capsys):
