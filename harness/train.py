@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -97,12 +98,26 @@ def build_trainer(config: RunConfig, run_dir: Path) -> L.Trainer:
     return trainer
 
 
-def versions() -> dict[str, str]:
+def code_revision() -> str | None:
+    """`git describe --always --dirty` of the checkout the harness runs from (None outside one), so a
+    run folder tells which code trained it, local edits included."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
+                                   cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if described.returncode != 0:
+        return None
+    return described.stdout.strip() or None
+
+
+def versions() -> dict[str, str | None]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": L.__version__,
         "vwn-harness": metadata.version("vwn-harness"),
+        "code_revision": code_revision(),
     }
 
 

@@ -85,6 +85,9 @@ def test_tiny_run_fills_the_run_folder_and_learns(tmp_path, tiny_corpus):
     assert summary["final"]["val/loss_ntp"] == float(val_rows[-1]["val/loss_ntp"])
     assert summary["params"]["total"] > 0 and summary["flops_per_token"]["ghc"] > 0
     assert len(summary["corpus_fingerprint"]) >= 16
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert summary["versions"]["code_revision"].startswith(head)  # the commit that trained it, "-dirty" if edited
 
 
 def test_run_without_mtp_leaves_next2_empty(tmp_path, tiny_corpus):
