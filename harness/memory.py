@@ -15,8 +15,8 @@ def retain_freed_memory() -> bool:
 
     NOTE: by default glibc maps every block above its mmap threshold (dynamic, at most 32 MB) fresh
     from the kernel and unmaps it on free, so each training step pays page faults (and the kernel's
-    zeroing) for its large tensors: at the tiny config the (2048 × 4096) logits alone are 33.5 MB,
-    and the step takes twice as long. A training process reaches the same peak every step, so
+    zeroing) for its large tensors (activations, gradients, optimizer temporaries), and a step that
+    allocated (tokens × vocab) logits took twice as long. A training process reaches the same peak every step, so
     keeping that memory costs nothing. Call once, at the start of the process that trains."""
     libc = _libc()
     if not hasattr(libc, "mallopt"):  # not glibc
