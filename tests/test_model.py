@@ -130,19 +130,31 @@ def paper_dghc(ghc: GeneralizedHyperConnection, h: torch.Tensor, sublayer) -> tu
 
 @pytest.mark.parametrize("m, n", [(2, 3), (2, 8), (4, 4), (1, 3)])
 def test_dynamic_ghc_matches_the_papers_equations_off_init(m, n):
+    """Outputs, and the gradients of the state and every parameter (the coefficient backward is written
+    out by hand), against autograd through the paper's equations; float64."""
     torch.manual_seed(0)
-    ghc = GeneralizedHyperConnection(d_model=16, m=m, n=n, dynamic=True)
+    ghc = GeneralizedHyperConnection(d_model=16, m=m, n=n, dynamic=True).double()
     with torch.no_grad():
         for p in ghc.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    h = torch.randn(2, 3, n, 16 // m)
-    weight = torch.randn(16, 16) / 4
+    h = torch.randn(2, 3, n, 16 // m, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, 16, dtype=torch.float64) / 4
     sublayer = lambda x: torch.tanh(x @ weight)  # any token-wise map of width D
-    x, mix = ghc.read(h)
-    out = ghc.write(h, sublayer(x), mix)
-    expected_x, expected_out = paper_dghc(ghc, h, sublayer)
-    torch.testing.assert_close(x, expected_x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    grad_x, grad_out = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn_like(h)
+
+    def outputs_and_gradients(forward) -> list[torch.Tensor]:
+        x, out = forward()
+        inputs = [h, *ghc.parameters()]
+        return [x, out, *torch.autograd.grad([x, out], inputs, [grad_x, grad_out])]
+
+    def harness() -> tuple[torch.Tensor, torch.Tensor]:
+        x, mix = ghc.read(h)
+        return x, ghc.write(h, sublayer(x), mix)
+
+    got = outputs_and_gradients(harness)
+    expected = outputs_and_gradients(lambda: paper_dghc(ghc, h, sublayer))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_dynamic_coefficients_stay_fp32_under_bf16_autocast():

@@ -26,6 +26,7 @@ from harness.model.config import ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.loss import linear_cross_entropy
 from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
+from harness.model.norm import RMSNorm
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +69,10 @@ class Block(nn.Module):
         super().__init__()
         d, m, n = config.d_model, config.m, config.n
         self.attn_connection = GeneralizedHyperConnection(d, m, n, config.dynamic, config.norm_eps)
-        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(d, eps=config.norm_eps)
         self.attn = Attention(d, config.n_heads)
         self.ffn_connection = GeneralizedHyperConnection(d, m, n, config.dynamic, config.norm_eps)
-        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(d, eps=config.norm_eps)
         if config.n_experts > 0:
             self.ffn = MixtureOfExperts(d, config.d_ff, config.n_experts, config.top_k,
                                         config.n_shared_experts, config.aux_free_balancing,
@@ -117,7 +118,7 @@ class ReduceHead(nn.Module):
         groups = config.d_wide // config.d_model
         self.group_norm = nn.GroupNorm(groups, config.d_wide, eps=config.norm_eps) if config.uses_group_norm else None
         self.reduce = nn.Linear(config.d_wide, config.d_model, bias=False) if wide else None
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.flatten(-2)
@@ -141,8 +142,8 @@ class MultiTokenPredictor(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.hidden_norm = nn.RMSNorm(config.d_wide, eps=config.norm_eps)
-        self.embed_norm = nn.RMSNorm(config.d_wide, eps=config.norm_eps)
+        self.hidden_norm = RMSNorm(config.d_wide, eps=config.norm_eps)
+        self.embed_norm = RMSNorm(config.d_wide, eps=config.norm_eps)
         self.merge = nn.Linear(2 * config.d_slot, config.d_slot, bias=False)  # one Linear shared by all n slots
         self.block = Block(config)
         self.head = ReduceHead(config)
