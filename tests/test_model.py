@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from harness.model import LanguageModel, ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.moe import MixtureOfExperts
+from harness.model.transformer import ReduceHead, rotary_tables
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, top_k=2, d_ff=32)
 
@@ -301,3 +302,35 @@ def test_sixty_adamw_steps_on_one_batch_halve_the_loss(virtual_width, mtp):
         (loss + aux).backward()
         optimizer.step()
     assert loss_fn()[0].item() < 0.5 * first
+
+
+def test_reduce_head_is_groupnorm_then_linear_then_rmsnorm():
+    """Its layer-norm-and-folded-affine route against the modules it stands for, values and gradients."""
+    config = dataclasses.replace(TINY, virtual_width=(2, 8))
+    torch.manual_seed(0)
+    head = ReduceHead(config)
+    for p in head.parameters():
+        with torch.no_grad():
+            p.add_(0.3 * torch.randn_like(p))
+    h = torch.randn(2, 3, config.n, config.d_slot, requires_grad=True)
+    reference = lambda h: head.norm(head.reduce(head.group_norm(h.flatten(0, -3).flatten(-2)).view(2, 3, -1)))
+    grad = torch.randn(2, 3, config.d_model)
+    got, expected = head(h), reference(h)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    parameters = [h, *head.parameters()]
+    for a, b in zip(torch.autograd.grad(got, parameters, grad), torch.autograd.grad(expected, parameters, grad),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mtp_merge_is_one_linear_over_hidden_then_embedding_per_slot():
+    model = build(virtual_width=(2, 4), mtp=True)
+    config, mtp = model.config, model.mtp
+    with torch.no_grad():
+        for norm in (mtp.hidden_norm, mtp.embed_norm):
+            norm.weight.normal_(1.0, 0.3)
+    h, e = torch.randn(2, 16, 4, 16), torch.randn(2, 16, 4, 16)
+    rope = rotary_tables(16, config.d_model // config.n_heads, config.rope_theta)
+    concatenated = torch.cat([mtp.hidden_norm(h.flatten(-2)).view_as(h), mtp.embed_norm(e.flatten(-2)).view_as(e)], -1)
+    expected = mtp.head(mtp.block(mtp.merge(concatenated), rope)[0])
+    torch.testing.assert_close(mtp(h, e, rope)[0], expected)
