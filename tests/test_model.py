@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from harness.model import LanguageModel, ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection
-from harness.model.moe import MixtureOfExperts
+from harness.model.moe import MixtureOfExperts, expert_matmul
 from harness.model.transformer import ReduceHead, rotary_tables
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, top_k=2, d_ff=32)
@@ -241,9 +241,10 @@ def test_no_decay_covers_norms_tables_and_static_mixing_only():
     assert "blocks.0.attn.qkv.weight" not in no_decay and "blocks.0.ffn.w_in" not in no_decay
 
 
-def test_moe_dispatch_matches_dense_evaluation_of_the_chosen_experts():
+@pytest.mark.parametrize("d_ff", [6, 8])  # expert rows of 24 bytes: a loop over experts; of 32: grouped GEMM
+def test_moe_dispatch_matches_dense_evaluation_of_the_chosen_experts(d_ff):
     torch.manual_seed(0)
-    moe = MixtureOfExperts(d_model=8, d_ff=6, n_experts=4, top_k=2, n_shared=1,
+    moe = MixtureOfExperts(d_model=8, d_ff=d_ff, n_experts=4, top_k=2, n_shared=1,
                            aux_free_balancing=False, bias_update_rate=0.0)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -334,3 +335,24 @@ def test_mtp_merge_is_one_linear_over_hidden_then_embedding_per_slot():
     concatenated = torch.cat([mtp.hidden_norm(h.flatten(-2)).view_as(h), mtp.embed_norm(e.flatten(-2)).view_as(e)], -1)
     expected = mtp.head(mtp.block(mtp.merge(concatenated), rope)[0])
     torch.testing.assert_close(mtp(h, e, rope)[0], expected)
+
+
+@pytest.mark.parametrize("ends", [[3, 3, 10], [0, 4, 10], [10, 10, 10]],
+                         ids=["empty middle", "empty first", "one group"])
+def test_expert_matmul_grouped_kernel_matches_a_loop_over_experts(ends):
+    """The grouped GEMM (fp32, aligned rows) against per-expert products in float64 (the loop), with
+    gradients; and the custom ops' registrations (fake tensors, autograd) pass torch's opcheck."""
+    torch.manual_seed(0)
+    x, w = torch.randn(10, 8, requires_grad=True), torch.randn(3, 8, 12, requires_grad=True)
+    ends_t = torch.tensor(ends, dtype=torch.int32)
+    grad = torch.randn(10, 12)
+    got = expert_matmul(x, w, ends_t)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    bounds = [0, *ends]
+    expected = torch.cat([x64[a:b] @ w64[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))])
+    torch.testing.assert_close(got, expected.float())
+    for a, b in zip(torch.autograd.grad(got, [x, w], grad), torch.autograd.grad(expected, [x64, w64], grad.double()),
+                    strict=True):
+        torch.testing.assert_close(a, b.float())
+    torch.library.opcheck(expert_matmul, (x, w, ends_t))
+    torch.library.opcheck(expert_matmul, (x64, w64, ends_t))  # the loop

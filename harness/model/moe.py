@@ -17,10 +17,77 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def gated_silu(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden (..., 2F) holding [gate | up] -> silu(gate) · up (..., F)."""
+    gate, up = hidden.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def swiglu(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     """x (..., D), w_in (D, 2F) holding [gate | up], w_out (F, D) -> (..., D)."""
-    gate, up = (x @ w_in).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ w_out
+    return gated_silu(x @ w_in) @ w_out
+
+
+def _grouped_mm_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether F.grouped_mm's kernels take these operands (and their transposes): fp32, bf16 or fp16,
+    both alike, with rows of a multiple of 16 bytes."""
+    return (x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], w.shape[-1])))
+
+
+# NOTE: custom ops, so that torch.compile sees each grouped product as one opaque node of static shape
+# (its meta function for F.grouped_mm wants bf16, while the CPU kernel also takes fp32)
+@torch.library.custom_op("vwn::expert_matmul", mutates_args=())
+def expert_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (N, K) with rows grouped by expert, w (E, K, M), ends (E,) int32, the row where each group ends
+    -> (N, M): each group's rows times its expert's matrix. One grouped GEMM where the kernels take the
+    operands, else a loop over the experts."""
+    if _grouped_mm_takes(x, w):
+        return F.grouped_mm(x, w, offs=ends)
+    groups = x.tensor_split(ends[:-1].tolist())
+    return torch.cat([group @ w_e for group, w_e in zip(groups, w.unbind(), strict=True)])
+
+
+@expert_matmul.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("vwn::expert_weight_grad", mutates_args=())
+def expert_weight_grad(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (N, K) and grad (N, M), rows grouped as in `expert_matmul` -> (E, K, M): each group's xᵀ grad."""
+    if _grouped_mm_takes(x, grad):
+        return F.grouped_mm(x.T, grad, offs=ends)
+    bounds = ends[:-1].tolist()
+    return torch.stack([a.T @ b for a, b in zip(x.tensor_split(bounds), grad.tensor_split(bounds), strict=True)])
+
+
+@expert_weight_grad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(ends.shape[0], x.shape[1], grad.shape[1])
+
+
+def _save_operands(ctx, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_matmul_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    x, w, ends = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernels reject broadcast (stride-0) gradients, as from out.sum()
+    grad_x = expert_matmul(grad, w.transpose(-2, -1), ends) if ctx.needs_input_grad[0] else None
+    grad_w = expert_weight_grad(x, grad, ends) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+expert_matmul.register_autograd(_expert_matmul_backward, setup_context=_save_operands)
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """`expert_matmul` under autocast's rule for matmuls (custom ops have none): both in its dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    return expert_matmul(x, w, ends)
 
 
 class SwiGLU(nn.Module):
@@ -75,18 +142,14 @@ class MixtureOfExperts(nn.Module):
         expert_of = chosen.flatten()  # (N·k,) expert of each token-slot assignment
         order = expert_of.argsort(stable=True)
         token_of = order // self.top_k  # token of each assignment, grouped by expert
-        counts = torch.bincount(expert_of, minlength=self.n_experts)
-        # NOTE: index_select and unbind rather than flat[token_of] and w_in[e]: their backward is one
-        # index_add / stack, where advanced indexing scatters with index_put and each w_in[e]
-        # zero-fills a full (E, D, 2F) gradient per expert (MoE layer 8.0 -> 7.0 ms at the tiny config).
+        # tokens per expert, (E,): a static shape, where bincount's depends on the data (torch.compile)
+        counts = torch.zeros_like(probs[0], dtype=torch.long).index_add_(0, expert_of, torch.ones_like(expert_of))
+        # NOTE: index_select rather than flat[token_of]: its backward is one index_add, where advanced
+        # indexing scatters with index_put
         routed = flat.index_select(0, token_of)
-        groups = routed.split(counts.tolist())
-        outputs = [
-            swiglu(group, w_in, w_out)
-            for group, w_in, w_out in zip(groups, self.w_in.unbind(), self.w_out.unbind(), strict=True)
-            if group.shape[0] > 0
-        ]
-        weighted = torch.cat(outputs) * gates.flatten().index_select(0, order)[:, None].to(flat.dtype)
+        ends = counts.cumsum(0).to(torch.int32)
+        expert_out = grouped_matmul(gated_silu(grouped_matmul(routed, self.w_in, ends)), self.w_out, ends)
+        weighted = expert_out * gates.flatten().index_select(0, order)[:, None].to(flat.dtype)
         out = torch.zeros_like(flat).index_add_(0, token_of, weighted)
         if self.shared is not None:
             out = out + self.shared(flat)[0]
