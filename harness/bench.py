@@ -54,7 +54,7 @@ from harness.grid import load_grid
 from harness.lit import VWNModule
 from harness.memory import release_freed_memory, retain_freed_memory
 from harness.model import accounting
-from harness.model.moe import MixtureOfExperts, SwiGLU
+from harness.model.moe import MixtureOfExperts, SwiGLU, expert_matmul, expert_weight_grad
 from harness.model.transformer import Attention, Block, MultiTokenPredictor, ReduceHead, WideEmbedding
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
@@ -237,12 +237,39 @@ def peak_allocated(prof: profile) -> int:
     return peak
 
 
-# Dense matmul kernels and their operand count (addmm/baddbmm: the added tensor, then the two factors)
-MATMULS: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
-    "aten::mm": (torch.mm, 2), "aten::bmm": (torch.bmm, 2),
-    "aten::addmm": (torch.addmm, 3), "aten::addmm_": (torch.addmm, 3), "aten::baddbmm": (torch.baddbmm, 3),
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+    """A dense matmul kernel: how to call it, how many leading arguments describe a call, and where
+    its two factors sit among them (addmm/baddbmm: after the added tensor)."""
+
+    kernel: Callable[..., torch.Tensor]
+    arguments: int
+    factors: slice
+
+
+MATMULS: dict[str, Matmul] = {
+    "aten::mm": Matmul(torch.mm, 2, slice(0, 2)), "aten::bmm": Matmul(torch.bmm, 2, slice(0, 2)),
+    "aten::addmm": Matmul(torch.addmm, 3, slice(1, 3)), "aten::addmm_": Matmul(torch.addmm, 3, slice(1, 3)),
+    "aten::baddbmm": Matmul(torch.baddbmm, 3, slice(1, 3)),
+    # the MoE's grouped products (x, w or grad, group ends): the group ends are recorded by value
+    "vwn::expert_matmul": Matmul(expert_matmul, 3, slice(0, 2)),
+    "vwn::expert_weight_grad": Matmul(expert_weight_grad, 3, slice(0, 2)),
 }
-MatmulCall = tuple[str, tuple[tuple[int, ...], ...]]  # kernel name, operand shapes
+
+
+class Offsets(tuple):
+    """An integer operand recorded by its values (the group ends of a grouped product), not its shape."""
+
+
+MatmulCall = tuple[str, tuple[tuple[int, ...], ...]]  # kernel name, operand shapes (or Offsets)
+
+
+def recorded(operand: torch.Tensor) -> tuple[int, ...]:
+    return tuple(operand.shape) if operand.is_floating_point() else Offsets(operand.tolist())
+
+
+def replayed(operand: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(operand, dtype=torch.int32) if isinstance(operand, Offsets) else torch.randn(operand)
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -254,15 +281,15 @@ class MatmulRecorder(TorchDispatchMode):
         self.calls: collections.Counter[MatmulCall] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = f"aten::{func.overloadpacket.__name__}"
+        name = func._schema.name
         if name in MATMULS:
-            self.calls[name, tuple(tuple(a.shape) for a in args[: MATMULS[name][1]])] += 1
+            self.calls[name, tuple(recorded(a) for a in args[: MATMULS[name].arguments])] += 1
         return func(*args, **(kwargs or {}))
 
 
 def matmul_flops(call: MatmulCall) -> int:
-    """2·M·K·N, times the batch for bmm/baddbmm."""
-    a, b = call[1][-2:]
+    """2·M·K·N, times the batch for bmm/baddbmm (for the grouped products: summed over the groups)."""
+    a, b = call[1][MATMULS[call[0]].factors]
     return 2 * math.prod(a) * b[-1]
 
 
@@ -270,8 +297,8 @@ def matmul_seconds(calls: collections.Counter[MatmulCall], repeats: int = 5) -> 
     """Time the calls would take alone: each distinct call timed standalone (median, warm caches) × its count."""
     total = 0.0
     for call, count in calls.items():
-        kernel = MATMULS[call[0]][0]
-        operands = [torch.randn(shape) for shape in call[1]]
+        kernel = MATMULS[call[0]].kernel
+        operands = [replayed(operand) for operand in call[1]]
         kernel(*operands)
         total += count * median_seconds(lambda kernel=kernel, operands=operands: kernel(*operands), repeats)
     return total

@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from harness import bench
 from harness.config import load_run_config
+from harness.model.moe import expert_matmul
 
 # VWNModule.training_step logs through self.log, which has nowhere to log outside a Trainer
 pytestmark = pytest.mark.filterwarnings("ignore:.*`self.trainer` reference is not registered")
@@ -64,6 +65,21 @@ def test_matmul_recorder_counts_each_kernel_call_with_its_shapes_and_flops():
     assert bench.matmul_seconds(recorder.calls, repeats=1) > 0
 
 
+def test_matmul_recorder_counts_the_moe_grouped_products_with_their_group_ends():
+    x, w = torch.randn(10, 8, requires_grad=True), torch.randn(3, 8, 12, requires_grad=True)
+    ends = torch.tensor([3, 3, 10], dtype=torch.int32)
+    with bench.MatmulRecorder() as recorder:
+        expert_matmul(x, w, ends).backward(torch.randn(10, 12))
+    assert recorder.calls == {
+        ("vwn::expert_matmul", ((10, 8), (3, 8, 12), (3, 3, 10))): 1,  # forward
+        ("vwn::expert_matmul", ((10, 12), (3, 12, 8), (3, 3, 10))): 1,  # input gradient
+        ("vwn::expert_weight_grad", ((10, 8), (10, 12), (3, 3, 10))): 1,
+    }
+    assert {bench.matmul_flops(call) for call in recorder.calls} == {2 * 10 * 8 * 12}
+    assert all(isinstance(call[1][2], bench.Offsets) for call in recorder.calls)
+    assert bench.matmul_seconds(recorder.calls, repeats=1) > 0
+
+
 def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeypatch, capsys):
     run_config = {
         "model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 16,
@@ -85,7 +101,8 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         assert run["config"] == str(path)
         assert run["tokens_per_s"] > 0 and run["peak_mem_bytes"] > 0 and run["mfu"] > 0
         assert run["mfu_ceiling"] > run["mfu"] and 0 < run["matmul_ms"] < run["step_ms"]
-        assert run["matmul_gflop"] > 0
+        # every matmul of the step is recorded: all of 3 × the forward FLOPs but attention's SDPA kernel
+        assert 1e9 * run["matmul_gflop"] == pytest.approx(3 * run["flops_per_token"] * 2 * 16, rel=0.1)
         assert sum(run["breakdown_ms"].values()) == pytest.approx(run["step_ms"])
     assert runs[0]["overhead_measured"] == 0.0 and runs[0]["overhead_predicted"] == 0.0
     assert runs[2]["overhead_predicted"] > runs[1]["overhead_predicted"] > 0
