@@ -41,3 +41,16 @@ def test_frozen_weight_gets_no_gradient_and_input_still_does():
     norm(x).square().sum().backward()
     assert norm.weight.grad is None
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bf16_input_gets_a_bf16_gradient_computed_in_fp32():
+    torch.manual_seed(0)
+    weight = torch.randn(64).requires_grad_()
+    x = torch.randn(8, 64).bfloat16().requires_grad_()
+    grad = torch.randn(8, 64)
+    rms_norm(x, weight, 1e-6).float().backward(grad)
+    x32 = x.detach().float().requires_grad_()
+    expected_x, expected_w = torch.autograd.grad(rms_norm(x32, weight, 1e-6), [x32, weight], grad)
+    assert x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.float(), expected_x, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weight.grad, expected_w, rtol=2e-2, atol=2e-2)
