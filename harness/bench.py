@@ -9,9 +9,12 @@ For each config and virtual width (m, n) it times the training step exactly as `
     overhead_measured    step time / step time at r = 1 - 1     (0.20 = +20 %)
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
-                         (mm, bmm, addmm, baddbmm, recorded with shapes in one step), each as
-                         fast as it runs alone with warm caches (`matmul_ms`): an upper bound for
-                         this model on this machine, whatever happens to the rest of the step
+                         (mm, bmm, addmm, baddbmm and the MoE's grouped products, recorded with shapes
+                         in one step), each as fast as it runs alone with warm caches (`matmul_ms`): an
+                         upper bound for this model on this machine, whatever happens to the rest of the step
+    overhead_matmul_floor  (matmul_ms - matmul_ms at r = 1) / step time at r = 1: the overhead that the
+                         width's extra matmul calls alone add, a floor for any step made of these calls
+                         whose other work does not shrink as the width grows
     peak_mem_bytes       parameters + optimizer state + the step's peak of live tensors
     breakdown            where the step's time goes, from one profiled step, in ms of the median
                          step: attention and moe (each with its pre-norm), ghc (the rest of each block:
@@ -401,6 +404,8 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
             "matmul_gflop": sum(count * matmul_flops(call) for call, count in calls.items()) / 1e9,
             "overhead_measured": s / base_seconds - 1,
             "overhead_predicted": f / base_flops - 1,
+            # what the width's extra matmul calls alone add to the r = 1 step, each at its standalone speed
+            "overhead_matmul_floor": (1e3 * matmul_s - runs[0]["matmul_ms"]) / runs[0]["step_ms"] if runs else 0.0,
             "peak_mem_bytes": peak,
             "first_step_s": first,
             "breakdown_ms": {k: 1e3 * s * v for k, v in fractions.items()} if fractions else None,
@@ -411,13 +416,14 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
 def format_table(result: dict) -> str:
     """Markdown table of the runs, then the matmul rate and MoE checks."""
     head = ("| config | (m, n) | r | tokens/s | step ms | MFU | MFU ceiling | overhead meas. | overhead pred. | "
-            "peak MB | first step s | " + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
-    lines = [head, "|" + "---|" * (11 + len(COMPONENTS))]
+            "overhead matmul floor | peak MB | first step s | " + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
+    lines = [head, "|" + "---|" * (12 + len(COMPONENTS))]
     for run in result["runs"]:
         parts = [run["config"], f"({run['m']}, {run['n']})", f"{run['r']:g}", f"{run['tokens_per_s']:,.0f}",
                  f"{run['step_ms']:.1f}", f"{run['mfu']:.1%}", f"{run['mfu_ceiling']:.1%}",
                  f"{run['overhead_measured']:+.1%}",
-                 f"{run['overhead_predicted']:+.1%}", f"{run['peak_mem_bytes'] / 2**20:,.0f}",
+                 f"{run['overhead_predicted']:+.1%}", f"{run['overhead_matmul_floor']:+.1%}",
+                 f"{run['peak_mem_bytes'] / 2**20:,.0f}",
                  f"{run['first_step_s']:.1f}"]
         breakdown = run["breakdown_ms"] or {}
         parts += [f"{breakdown[k]:.1f}" if k in breakdown else "-" for k in COMPONENTS]

@@ -104,7 +104,10 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         # every matmul of the step is recorded: all of 3 × the forward FLOPs but attention's SDPA kernel
         assert 1e9 * run["matmul_gflop"] == pytest.approx(3 * run["flops_per_token"] * 2 * 16, rel=0.1)
         assert sum(run["breakdown_ms"].values()) == pytest.approx(run["step_ms"])
-    assert runs[0]["overhead_measured"] == 0.0 and runs[0]["overhead_predicted"] == 0.0
+    assert runs[0]["overhead_measured"] == runs[0]["overhead_predicted"] == runs[0]["overhead_matmul_floor"] == 0.0
+    for run in runs[1:]:  # the width's GHC products are extra calls; the floor is their time over the r = 1 step
+        assert run["overhead_matmul_floor"] == pytest.approx(
+            (run["matmul_ms"] - runs[0]["matmul_ms"]) / runs[0]["step_ms"]) and run["overhead_matmul_floor"] > 0
     assert runs[2]["overhead_predicted"] > runs[1]["overhead_predicted"] > 0
     assert result["moe_vs_dense"][str(path)]["ratio"] > 0
 
