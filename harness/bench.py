@@ -43,6 +43,7 @@ import json
 import math
 import statistics
 import time
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -254,7 +255,9 @@ MATMULS: dict[str, Matmul] = {
     "aten::mm": Matmul(torch.mm, 2, slice(0, 2)), "aten::bmm": Matmul(torch.bmm, 2, slice(0, 2)),
     "aten::addmm": Matmul(torch.addmm, 3, slice(1, 3)), "aten::addmm_": Matmul(torch.addmm, 3, slice(1, 3)),
     "aten::baddbmm": Matmul(torch.baddbmm, 3, slice(1, 3)),
-    # the MoE's grouped products (x, w or grad, group ends): the group ends are recorded by value
+    # the MoE's grouped products (x, w or grad, group ends): the group ends are recorded by value;
+    # torch's kernel in eager, the custom ops when compiled
+    "aten::_grouped_mm": Matmul(torch._grouped_mm, 3, slice(0, 2)),
     "vwn::expert_matmul": Matmul(expert_matmul, 3, slice(0, 2)),
     "vwn::expert_weight_grad": Matmul(expert_weight_grad, 3, slice(0, 2)),
 }
@@ -264,15 +267,33 @@ class Offsets(tuple):
     """An integer operand recorded by its values (the group ends of a grouped product), not its shape."""
 
 
-MatmulCall = tuple[str, tuple[tuple[int, ...], ...]]  # kernel name, operand shapes (or Offsets)
+class Layout(typing.NamedTuple):
+    """A non-contiguous operand (a transposed weight, a chunk of a wider tensor): shape and strides."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
-def recorded(operand: torch.Tensor) -> tuple[int, ...]:
-    return tuple(operand.shape) if operand.is_floating_point() else Offsets(operand.tolist())
+Operand = tuple[int, ...] | Offsets | Layout  # a contiguous operand is recorded by its shape
+MatmulCall = tuple[str, tuple[Operand, ...]]  # kernel name, operands
 
 
-def replayed(operand: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor(operand, dtype=torch.int32) if isinstance(operand, Offsets) else torch.randn(operand)
+def recorded(operand: torch.Tensor) -> Operand:
+    if not operand.is_floating_point():
+        return Offsets(operand.tolist())
+    if operand.is_contiguous():
+        return tuple(operand.shape)
+    return Layout(tuple(operand.shape), operand.stride())
+
+
+def replayed(operand: Operand) -> torch.Tensor:
+    """A random tensor laid out as the recorded one (kernels' speed, and some kernels' support, depend on it)."""
+    if isinstance(operand, Offsets):
+        return torch.tensor(operand, dtype=torch.int32)
+    if isinstance(operand, Layout):
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(operand.shape, operand.stride, strict=True))
+        return torch.randn(extent).as_strided(operand.shape, operand.stride)
+    return torch.randn(operand)
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -292,7 +313,7 @@ class MatmulRecorder(TorchDispatchMode):
 
 def matmul_flops(call: MatmulCall) -> int:
     """2·M·K·N, times the batch for bmm/baddbmm (for the grouped products: summed over the groups)."""
-    a, b = call[1][MATMULS[call[0]].factors]
+    a, b = (operand.shape if isinstance(operand, Layout) else operand for operand in call[1][MATMULS[call[0]].factors])
     return 2 * math.prod(a) * b[-1]
 
 

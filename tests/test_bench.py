@@ -55,25 +55,34 @@ def test_matmul_recorder_counts_each_kernel_call_with_its_shapes_and_flops():
         torch.nn.functional.linear(a, weight, torch.randn(6)).sum().backward()  # addmm, and mm for its grad
         torch.bmm(x, w)
         a.relu()
+    weight_t = bench.Layout((16, 6), (1, 16))  # linear's transposed weight, recorded with its strides
+    ones = bench.Layout((6, 8), (0, 0))  # the gradient of .sum(), broadcast
     assert recorder.calls == {
-        ("aten::mm", ((8, 16), (16, 4))): 2, ("aten::addmm", ((6,), (8, 16), (16, 6))): 1,
-        ("aten::mm", ((6, 8), (8, 16))): 1, ("aten::bmm", ((3, 8, 16), (3, 16, 5))): 1,
+        ("aten::mm", ((8, 16), (16, 4))): 2, ("aten::addmm", ((6,), (8, 16), weight_t)): 1,
+        ("aten::mm", (ones, (8, 16))): 1, ("aten::bmm", ((3, 8, 16), (3, 16, 5))): 1,
     }
     flops = {call: bench.matmul_flops(call) for call in recorder.calls}
     assert flops[("aten::bmm", ((3, 8, 16), (3, 16, 5)))] == 2 * 3 * 8 * 16 * 5
-    assert flops[("aten::addmm", ((6,), (8, 16), (16, 6)))] == 2 * 8 * 16 * 6
+    assert flops[("aten::addmm", ((6,), (8, 16), weight_t))] == 2 * 8 * 16 * 6
+    assert bench.replayed(weight_t).stride() == (1, 16)
     assert bench.matmul_seconds(recorder.calls, repeats=1) > 0
 
 
-def test_matmul_recorder_counts_the_moe_grouped_products_with_their_group_ends():
+@pytest.mark.parametrize("grouped_mm, names", [
+    (lambda x, w, ends: torch.nn.functional.grouped_mm(x, w, offs=ends), ("aten::_grouped_mm",) * 3),  # eager
+    (expert_matmul, ("vwn::expert_matmul", "vwn::expert_matmul", "vwn::expert_weight_grad")),  # compiled
+], ids=["torch", "custom op"])
+def test_matmul_recorder_counts_the_moe_grouped_products_with_their_group_ends(grouped_mm, names):
     x, w = torch.randn(10, 8, requires_grad=True), torch.randn(3, 8, 12, requires_grad=True)
     ends = torch.tensor([3, 3, 10], dtype=torch.int32)
     with bench.MatmulRecorder() as recorder:
-        expert_matmul(x, w, ends).backward(torch.randn(10, 12))
+        grouped_mm(x, w, ends).backward(torch.randn(10, 12))
+    w_t = bench.Layout((3, 12, 8), (96, 1, 12))
     assert recorder.calls == {
-        ("vwn::expert_matmul", ((10, 8), (3, 8, 12), (3, 3, 10))): 1,  # forward
-        ("vwn::expert_matmul", ((10, 12), (3, 12, 8), (3, 3, 10))): 1,  # input gradient
-        ("vwn::expert_weight_grad", ((10, 8), (10, 12), (3, 3, 10))): 1,
+        (names[0], ((10, 8), (3, 8, 12), (3, 3, 10))): 1,  # forward
+        (names[1], ((10, 12), w_t, (3, 3, 10))): 1,  # input gradient
+        (names[2], (bench.Layout((8, 10), (1, 8)), (10, 12), (3, 3, 10)) if names[2] == "aten::_grouped_mm"
+         else ((10, 8), (10, 12), (3, 3, 10))): 1,  # weight gradient: xᵀ grad per group
     }
     assert {bench.matmul_flops(call) for call in recorder.calls} == {2 * 10 * 8 * 12}
     assert all(isinstance(call[1][2], bench.Offsets) for call in recorder.calls)

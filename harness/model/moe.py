@@ -83,11 +83,16 @@ expert_matmul.register_autograd(_expert_matmul_backward, setup_context=_save_ope
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """`expert_matmul` under autocast's rule for matmuls (custom ops have none): both in its dtype."""
+    """`expert_matmul` under autocast's rule for matmuls (custom ops have none): both in its dtype.
+
+    NOTE: eager calls F.grouped_mm directly where it takes the operands: its autograd is native, where
+    the custom op's runs in Python (one MoE layer at the tiny config, forward + backward: ~0.8 ms more)."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    return expert_matmul(x, w, ends)
+    if torch.compiler.is_compiling() or not _grouped_mm_takes(x, w):
+        return expert_matmul(x, w, ends)
+    return F.grouped_mm(x, w, offs=ends)
 
 
 class SwiGLU(nn.Module):
