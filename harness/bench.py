@@ -96,13 +96,17 @@ def with_width(config: RunConfig, width: tuple[int, int]) -> RunConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, virtual_width=width))
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def call_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def matmul_flops_per_s(size: int = 4096, repeats: int = 5) -> float:
@@ -318,13 +322,14 @@ def matmul_flops(call: MatmulCall) -> int:
 
 
 def matmul_seconds(calls: collections.Counter[MatmulCall], repeats: int = 5) -> float:
-    """Time the calls would take alone: each distinct call timed standalone (median, warm caches) × its count."""
+    """Time the calls would take alone: each distinct call timed standalone × its count, at the fastest of
+    `repeats` runs with warm caches (the kernel's own speed: other load on the machine only slows a run)."""
     total = 0.0
     for call, count in calls.items():
         kernel = MATMULS[call[0]].kernel
         operands = [replayed(operand) for operand in call[1]]
         kernel(*operands)
-        total += count * median_seconds(lambda kernel=kernel, operands=operands: kernel(*operands), repeats)
+        total += count * min(call_seconds(lambda kernel=kernel, operands=operands: kernel(*operands), repeats))
     return total
 
 
