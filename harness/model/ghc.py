@@ -48,7 +48,8 @@ class _DynamicMixing(torch.autograd.Function):
 
     NOTE: RMSNorm(H) W = diag(rstd) (H W): the per-slot scale is applied to the (n, k) projection, the
     normalised state is never materialised; and the backward is written out (autograd's, through
-    vector_norm, tanh and the broadcasts, makes about twice the passes over (tokens, n, k) and (tokens, n, d_b)):
+    vector_norm, tanh and the broadcasts, makes about twice the passes over (tokens, n, k) and
+    (tokens, n, d_b); one GHC read + write, forward + backward at (2, 16), 2048 tokens: 8.8 -> 6.5 ms):
         g_pre = tanh'(g ∘ S),  g_HW = g_pre · rstd,  g_rstd = Σ_k g_pre ∘ HW
         g_H = g_HW Wᵀ − g_rstd · rstd³ / d_b · H,      g_W = Σ_tokens Hᵀ g_HW"""
 
