@@ -41,7 +41,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import statistics
+import sys
 import time
 import typing
 import warnings
@@ -333,6 +335,23 @@ def matmul_seconds(calls: collections.Counter[MatmulCall], repeats: int = 5) -> 
     return total
 
 
+@contextlib.contextmanager
+def profiler_output_silenced() -> Iterator[None]:
+    """Discard what is written to the process's stderr (file descriptor 2) meanwhile.
+
+    NOTE: torch 2.13's profiler (kineto) prints "USDT ... profiler_start/profiler_stop" lines from C++
+    at every start and stop, whatever KINETO_LOG_LEVEL says; the benchmark profiles dozens of steps."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def profile_step(step: TrainingStep, breakdown: bool, attempts: int = 2
                  ) -> tuple[dict[str, float] | None, int, collections.Counter[MatmulCall]]:
     """Profile steps: breakdown fractions (if asked), peak memory in bytes, and the step's matmul calls.
@@ -345,7 +364,8 @@ def profile_step(step: TrainingStep, breakdown: bool, attempts: int = 2
     for _ in range(attempts):
         labels = labelled_forward(step.module.model) if breakdown else contextlib.nullcontext()
         started = time.perf_counter()
-        with labels, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with labels, profiler_output_silenced(), \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
         seconds = time.perf_counter() - started
         peak = max(peak, peak_allocated(prof))

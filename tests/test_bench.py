@@ -146,3 +146,12 @@ def test_compiled_step_matches_eager():
     eager(), compiled()
     for (name, a), b in zip(eager.module.named_parameters(), compiled.module.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_profiled_steps_leave_stderr_clean_and_restore_it(capfd):
+    config = bench.with_width(bench.reference_config("tiny"), (2, 4))
+    config = bench.dataclasses.replace(config, train=bench.dataclasses.replace(config.train, batch_size=1))
+    bench.profile_step(bench.TrainingStep(config), breakdown=False, attempts=1)
+    assert "profiler_start" not in capfd.readouterr().err  # kineto's C++ lines were discarded
+    print("after", file=sys.stderr, flush=True)
+    assert capfd.readouterr().err == "after\n"  # and file descriptor 2 works again
