@@ -26,6 +26,8 @@ import math
 import torch
 from torch import nn
 
+from harness.model import ghc_kernel
+
 Mixing = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -99,21 +101,30 @@ class GeneralizedHyperConnection(nn.Module):
             self.coeff_scale = nn.Parameter(torch.ones(n, 2 * m + n))
         self.temperature = math.sqrt(self.d_slot)
 
+    def coefficient_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Static [A | Bᵀ] (n, 2m+n); for DGHC the projection W / τ (d_b, 2m+n) and scale S (n, 2m+n), else None."""
+        static = torch.cat([self.static_a, self.static_b.T], dim=1)
+        if not self.dynamic:
+            return static, None, None
+        return static, self.coeff_proj / self.temperature, self.coeff_scale
+
     def mixing(self, h: torch.Tensor) -> torch.Tensor:
         """All mixing coefficients for state h (..., n, d_b), in fp32 or wider: (..., n, 2m+n), where row i holds
         [A[i, :] | B[:, i]], everything that depends on slot i. Static GHC returns the (n, 2m+n) parameters."""
-        static = torch.cat([self.static_a, self.static_b.T], dim=1)
+        static, proj, scale = self.coefficient_parameters()
         if not self.dynamic:
             return static
         with torch.autocast(h.device.type, enabled=False):  # coefficient maths in fp32, even under autocast
             h = h.to(torch.promote_types(h.dtype, torch.float32))
-            return _DynamicMixing.apply(h, self.coeff_proj / self.temperature, self.coeff_scale, static,
-                                        self.eps)
+            return _DynamicMixing.apply(h, proj, scale, static, self.eps)
 
     def read(self, h: torch.Tensor) -> tuple[torch.Tensor, Mixing | None]:
-        """h (batch, seq, n, d_b) -> sublayer input x (batch, seq, D), and what `write` needs."""
+        """h (batch, seq, n, d_b) -> sublayer input x (batch, seq, D), and what `write` needs (None: nothing, the
+        fused kernels recompute the coefficients from h)."""
         if self.is_residual:
             return h.flatten(-2), None
+        if ghc_kernel.applies(h):  # fp32 on CPU: read (and then write) as one fused kernel each
+            return ghc_kernel.fused_read(h, *self.coefficient_parameters(), self.m, self.eps), None
         a, b_t = self.mixing(h).to(h.dtype).split([self.m + self.n, self.m], dim=-1)  # A, Bᵀ
         # NOTE: read and carry in one contraction, Aᵀ H = [Åᵀ H ; Âᵀ H] of (m+n, d_b) per token: one
         # batched matmul instead of two, and split views (backward: one cat) instead of slices.
@@ -124,6 +135,8 @@ class GeneralizedHyperConnection(nn.Module):
         """State h (batch, seq, n, d_b) and sublayer output z (batch, seq, D) -> new state (batch, seq, n, d_b)."""
         if self.is_residual:
             return h + z.view_as(h)
+        if mix is None:  # `read` took the fused kernel
+            return ghc_kernel.fused_write(h, z.to(h.dtype), *self.coefficient_parameters(), self.eps)
         carry, b_t = mix  # Âᵀ H (batch, seq, n, d_b); Bᵀ (batch, seq, n, m), or (n, m) if static
         tokens = carry.shape[:-2]
         b_t = b_t.expand(*tokens, self.n, self.m).flatten(0, -3)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.model import ghc_kernel
 from harness.model.config import ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.loss import linear_cross_entropy
@@ -217,6 +218,7 @@ class LanguageModel(nn.Module):
         Every shape is fixed by the config, MoE included (its expert groups are offsets into one
         sorted batch, not separately shaped tensors), so `dynamic=False` suits it; the chunked losses
         run eager after the compiled graph."""
+        ghc_kernel.available()  # built eagerly: the trace cannot build it, only see whether it is there
         super().compile(**kwargs)
 
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
