@@ -48,10 +48,10 @@ def test_fused_kernels_match_the_reference_path_in_float64(m, n, dynamic, proj_s
     connection = perturbed_connection(m, n, dynamic, proj_std)
     h = torch.randn(3, 50, n, D_MODEL // m)
     z = torch.randn(3, 50, D_MODEL)
-    assert connection.read(h)[1] is None  # fp32 on CPU: the fused kernels
+    assert isinstance(connection.read(h)[1], ghc_kernel.MixingParameters)  # fp32 on CPU: the fused kernels
     fused = read_write_with_gradients(connection, h, z)
     reference_connection = copy.deepcopy(connection).double()
-    assert reference_connection.read(h.double())[1] is not None  # float64: the reference path
+    assert not isinstance(reference_connection.read(h.double())[1], ghc_kernel.MixingParameters)  # float64: torch
     reference = read_write_with_gradients(reference_connection, h.double(), z.double())
     names = ["new state", "grad h", "grad z"] + [name for name, _ in connection.named_parameters()]
     assert len(fused) == len(reference) == len(names)
@@ -64,7 +64,7 @@ def test_fused_kernels_follow_a_non_contiguous_state():
     connection = perturbed_connection(2, 4, True, 0.3)
     h = torch.randn(50, 3, 4, 32).transpose(0, 1)  # (3, 50, 4, 32), not contiguous
     x, mix = connection.read(h)
-    assert mix is None
+    assert isinstance(mix, ghc_kernel.MixingParameters)
     reference = copy.deepcopy(connection).double()
     want, _ = reference.read(h.double())
     torch.testing.assert_close(x.double(), want, rtol=1e-5, atol=1e-6)
@@ -80,7 +80,8 @@ def test_the_ops_reject_operands_they_cannot_take():
 def test_other_dtypes_take_the_reference_path():
     connection = perturbed_connection(2, 3, True, 0.3)
     _, mix = connection.read(torch.randn(2, 5, 3, 32, dtype=torch.bfloat16))
-    assert mix is not None
+    carry, b_t = mix  # the torch path's carry and Bᵀ
+    assert carry.shape == (2, 5, 3, 32) and b_t.shape == (2, 5, 3, 2)
 
 
 def test_the_kernels_tanh_is_accurate_to_fp32_rounding():

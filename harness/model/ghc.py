@@ -28,7 +28,7 @@ from torch import nn
 
 from harness.model import ghc_kernel
 
-Mixing = tuple[torch.Tensor, torch.Tensor]
+Mixing = tuple[torch.Tensor, torch.Tensor] | ghc_kernel.MixingParameters  # what `read` hands to `write`
 
 
 def initial_mixing(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,12 +101,12 @@ class GeneralizedHyperConnection(nn.Module):
             self.coeff_scale = nn.Parameter(torch.ones(n, 2 * m + n))
         self.temperature = math.sqrt(self.d_slot)
 
-    def coefficient_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def coefficient_parameters(self) -> ghc_kernel.MixingParameters:
         """Static [A | Bᵀ] (n, 2m+n); for DGHC the projection W / τ (d_b, 2m+n) and scale S (n, 2m+n), else None."""
         static = torch.cat([self.static_a, self.static_b.T], dim=1)
         if not self.dynamic:
-            return static, None, None
-        return static, self.coeff_proj / self.temperature, self.coeff_scale
+            return ghc_kernel.MixingParameters(static, None, None)
+        return ghc_kernel.MixingParameters(static, self.coeff_proj / self.temperature, self.coeff_scale)
 
     def mixing(self, h: torch.Tensor) -> torch.Tensor:
         """All mixing coefficients for state h (..., n, d_b), in fp32 or wider: (..., n, 2m+n), where row i holds
@@ -119,12 +119,13 @@ class GeneralizedHyperConnection(nn.Module):
             return _DynamicMixing.apply(h, proj, scale, static, self.eps)
 
     def read(self, h: torch.Tensor) -> tuple[torch.Tensor, Mixing | None]:
-        """h (batch, seq, n, d_b) -> sublayer input x (batch, seq, D), and what `write` needs (None: nothing, the
-        fused kernels recompute the coefficients from h)."""
+        """h (batch, seq, n, d_b) -> sublayer input x (batch, seq, D), and what `write` needs: the carry and Bᵀ,
+        or, if the fused kernels took the read, the parameters they recompute the coefficients from."""
         if self.is_residual:
             return h.flatten(-2), None
         if ghc_kernel.applies(h):  # fp32 on CPU: read (and then write) as one fused kernel each
-            return ghc_kernel.fused_read(h, *self.coefficient_parameters(), self.m, self.eps), None
+            parameters = self.coefficient_parameters()
+            return ghc_kernel.fused_read(h, *parameters, self.m, self.eps), parameters
         a, b_t = self.mixing(h).to(h.dtype).split([self.m + self.n, self.m], dim=-1)  # A, Bᵀ
         # NOTE: read and carry in one contraction, Aᵀ H = [Åᵀ H ; Âᵀ H] of (m+n, d_b) per token: one
         # batched matmul instead of two, and split views (backward: one cat) instead of slices.
@@ -135,8 +136,8 @@ class GeneralizedHyperConnection(nn.Module):
         """State h (batch, seq, n, d_b) and sublayer output z (batch, seq, D) -> new state (batch, seq, n, d_b)."""
         if self.is_residual:
             return h + z.view_as(h)
-        if mix is None:  # `read` took the fused kernel
-            return ghc_kernel.fused_write(h, z.to(h.dtype), *self.coefficient_parameters(), self.eps)
+        if isinstance(mix, ghc_kernel.MixingParameters):  # `read` took the fused kernel
+            return ghc_kernel.fused_write(h, z.to(h.dtype), *mix, self.eps)
         carry, b_t = mix  # Âᵀ H (batch, seq, n, d_b); Bᵀ (batch, seq, n, m), or (n, m) if static
         tokens = carry.shape[:-2]
         b_t = b_t.expand(*tokens, self.n, self.m).flatten(0, -3)

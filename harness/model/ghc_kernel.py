@@ -17,10 +17,19 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "ghc.cpp"
+
+
+class MixingParameters(NamedTuple):
+    """What the kernels compute a GHC's coefficients from (see `fused_read`)."""
+
+    static: torch.Tensor  # [A | Bᵀ] (n, 2m+n)
+    proj: torch.Tensor | None  # W / τ (d_b, 2m+n); None for a static GHC
+    scale: torch.Tensor | None  # S (n, 2m+n); None for a static GHC
 
 
 def _cpu_tag() -> str:

@@ -135,176 +135,177 @@ inline void row_times_matrix(float* __restrict out, const float* __restrict a, c
   }
 }
 
-// pre[0:k] *= r; out = static + scale ∘ tanh(pre)
-inline void scaled_tanh(float* __restrict out, const float* __restrict static_coef, const float* __restrict scale,
-                        float* __restrict pre, float r, int64_t k) {
-#pragma omp simd
-  for (int64_t q = 0; q < k; ++q) {
-    const float p = pre[q] * r;
-    pre[q] = p;
-    out[q] = static_coef[q] + scale[q] * tanh_approx(p);
-  }
-}
-
-// The coefficients of one slot, columns [q0, q1) of its row [Å[i, :] | Â[i, :] | Bᵀ[i, :]], computed from the
-// slot's state whenever they are needed: read uses columns [0, m), write [m, k). Nothing of size
-// (T, n, k) is ever stored; at (8, 64) such a tensor is ten times the state, and storing it made
-// every pass over it memory-bound.
-// (rows, k) -> (rows, k + 8) with zeros appended to every row
-Tensor padded_rows(const Tensor& t) {
-  Tensor out = at::zeros({t.size(0), t.size(1) + 8}, t.options());
-  out.narrow(1, 0, t.size(1)).copy_(t);
+// (rows, k) -> columns [q0, q0 + width) of it, each row zero-padded to `padded` columns: (rows, padded)
+Tensor padded_columns(const Tensor& t, int64_t q0, int64_t width, int64_t padded) {
+  Tensor out = at::zeros({t.size(0), padded}, t.options());
+  out.narrow(1, 0, width).copy_(t.narrow(1, q0, width));
   return out;
 }
 
-class Coefficients {
+inline int64_t whole_vectors(int64_t width) { return (width + 7) / 8 * 8; }
+
+// One token's coefficients of the column range, each slot's row padded to whole vectors: (n, wp) arrays.
+struct TokenCoefficients {
+  std::vector<float> pre, act, coef, rstd;  // rstd · H W, tanh of it, static + scale ∘ tanh; rstd per slot
+  TokenCoefficients(int64_t n, int64_t wp) : pre(n * wp, 0.0f), act(n * wp, 0.0f), coef(n * wp, 0.0f), rstd(n) {}
+};
+
+struct ThreadSums;
+
+// The coefficients of one column range [q0, q0 + width) of every slot's row [Å[i, :] | Â[i, :] | Bᵀ[i, :]]
+// (read: the m columns of Å; write: the n + m of Â and Bᵀ), computed from the slots' states whenever they are
+// needed. Nothing of size (T, n, k) is ever stored: at (8, 64) such a tensor is ten times the state, and
+// passes over it were memory-bound; keeping a token's coefficients from forward to backward measured slower
+// than recomputing them in cache at every width but (2, 3).
+// NOTE: rows are padded to whole vectors of 8 and the tanh runs over all of a token's slots in one loop: at
+// (2, 3) a row is 2 or 5 columns, and one vector per slot left each tanh's long dependency chain exposed.
+class Mixing {
  public:
-  Coefficients(const Tensor& static_coef, const std::optional<Tensor>& proj, const std::optional<Tensor>& scale,
-               int64_t d, double eps)
-      : dynamic(proj.has_value()), d_(d), k_(static_coef.size(1)), eps_(static_cast<float>(eps)) {
+  Mixing(const Tensor& static_coef, const std::optional<Tensor>& proj, const std::optional<Tensor>& scale,
+         int64_t d, double eps, int64_t q0, int64_t width)
+      : dynamic(proj.has_value()), n(static_coef.size(0)), d(d), k(static_coef.size(1)), q0(q0), width(width),
+        wp(whole_vectors(width)), eps_(static_cast<float>(eps)) {
     check_input(static_coef, "static", 2);
-    static_padded_ = padded_rows(static_coef);
-    static_ = static_padded_.data_ptr<float>();
+    static_ = padded_columns(static_coef, q0, width, wp);
     if (!dynamic) return;
     check_input(*proj, "proj", 2);
     check_input(*scale, "scale", 2);
-    proj_t_ = proj->t().contiguous();
-    // W with 8 zero columns appended: a row slice [q0, q0 + width rounded up to 8) always exists
-    proj_padded_ = at::zeros({d, k_ + 8}, proj->options());
-    proj_padded_.narrow(1, 0, k_).copy_(*proj);
-    W_ = proj_padded_.data_ptr<float>();
-    Wt_ = proj_t_.data_ptr<float>();
-    scale_padded_ = padded_rows(*scale);
-    scale_ = scale_padded_.data_ptr<float>();
+    scale_ = padded_columns(*scale, q0, width, wp);
+    proj_ = padded_columns(*proj, q0, width, wp);
+    proj_t_ = proj->narrow(1, q0, width).t().contiguous();
   }
 
-  // Slot i with state hi (d): coef[0, q1-q0) and, if dynamic, pre = rstd · hi W; returns rstd (0 if static).
-  // NOTE: pre and coef hold q1 - q0 rounded up to whole vectors of 8 and are computed that far (past q1 from
-  // the next columns or the zero padding, finite either way): a loop over 2 or 5 columns, as at (2, 3),
-  // otherwise runs entirely in the compiler's scalar remainder code, tanh included.
-  float forward(const float* __restrict hi, int64_t i, int64_t q0, int64_t q1, float* __restrict pre,
-                float* __restrict coef) const {
-    const int64_t width = q1 - q0;
+  // The token's state ht (n, d) -> its coefficients c (rows zero beyond width when static).
+  void forward(const float* __restrict ht, TokenCoefficients& c) const {
     if (!dynamic) {
-      std::memcpy(coef, static_ + i * kp() + q0, sizeof(float) * width);
-      return 0.0f;
+      std::memcpy(c.coef.data(), static_.data_ptr<float>(), sizeof(float) * n * wp);
+      return;
     }
-    const float r = 1.0f / std::sqrt(dot(hi, hi, d_) / d_ + eps_);
-    if (width >= 8) {  // hi times the rows of W, over whole vectors of columns
-      row_times_matrix(pre, hi, W_ + q0, d_, padded(width), k_ + 8, false);
-    } else {  // few columns: dot products of d floats with the rows of Wᵀ
-      for (int64_t q = 0; q < width; ++q) pre[q] = dot(hi, Wt_ + (q0 + q) * d_, d_);
+    const float* W = proj_.data_ptr<float>();
+    const float* Wt = proj_t_.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      const float* hi = ht + i * d;
+      const float r = 1.0f / std::sqrt(dot(hi, hi, d) / d + eps_);
+      float* pre = &c.pre[i * wp];
+      if (width >= 8) {  // hi times the rows of W, whole vectors of columns at a time
+        row_times_matrix(pre, hi, W, d, wp, wp, false);
+        axpy_scale(pre, r, wp);
+      } else {  // few columns: dot products of d floats with the rows of Wᵀ (the padding stays zero)
+        for (int64_t q = 0; q < width; ++q) pre[q] = r * dot(hi, Wt + q * d, d);
+      }
+      c.rstd[i] = r;
     }
-    scaled_tanh(coef, static_ + i * kp() + q0, scale_ + i * kp() + q0, pre, r, padded(width));
-    return r;
+    const float* S0 = static_.data_ptr<float>();
+    const float* SC = scale_.data_ptr<float>();
+    float* __restrict pre = c.pre.data();
+    float* __restrict act = c.act.data();
+    float* __restrict coef = c.coef.data();
+#pragma omp simd
+    for (int64_t e = 0; e < n * wp; ++e) {
+      act[e] = tanh_approx(pre[e]);
+      coef[e] = S0[e] + SC[e] * act[e];
+    }
   }
 
-  // The gradient g (width, zero up to padded(width)) of those coefficients -> adds to the slot's state gradient g_hi (d) and to this
-  // thread's sums for static and scale (n, k); writes the gradient of the slot's hi W to g_hw (width). W's
-  // gradient Hᵀ g_HW: for fewer than 8 columns added here, as rows of Wᵀ (rank-1 updates along d), else
-  // by `add_projection_gradient` once per token.
+  // The gradient g (n, wp; zero beyond width) of a token's coefficients c -> adds to the state gradient
+  // ght (n, d) and to this thread's parameter sums. g_hw (n, wp) and scratch (n · wp + n) are workspace.
   //   g_pre = g ∘ scale ∘ (1 - tanh²),  g_HW = rstd · g_pre,  g_rstd = Σ_q g_pre ∘ pre / rstd
   //   g_H = g_HW Wᵀ - g_rstd · rstd³ / d · H,   g_W += Hᵀ g_HW
-  void backward(const float* __restrict hi, int64_t i, int64_t q0, int64_t q1, const float* __restrict pre,
-                float r, const float* __restrict g, float* __restrict g_hi, float* __restrict sum_static,
-                float* __restrict sum_scale, float* __restrict sum_proj_t, float* __restrict g_hw) const {
-    const int64_t width = q1 - q0;
-    axpy(sum_static + i * kp() + q0, 1.0f, g, width);
-    if (!dynamic) return;
-    const float* sc = scale_ + i * kp() + q0;
-    float* sum_sc = sum_scale + i * kp() + q0;
-    float g_rstd = 0.0f;
-    const int64_t vectors = padded(width);
-#pragma omp simd reduction(+ : g_rstd)
-    for (int64_t q = 0; q < vectors; ++q) {
-      const float act = tanh_approx(pre[q]);
-      sum_sc[q] += g[q] * act;
-      const float g_pre = g[q] * sc[q] * (1.0f - act * act);
-      g_rstd += g_pre * pre[q];
-      g_hw[q] = g_pre * r;
-    }
-    row_times_matrix(g_hi, g_hw, Wt_ + q0 * d_, width, d_, d_, true);
-    if (width < 8)
-      for (int64_t q = 0; q < width; ++q) axpy(sum_proj_t + (q0 + q) * d_, g_hw[q], hi, d_);
-    axpy(g_hi, -g_rstd * r * r / d_, hi, d_);  // g_rstd · rstd³ / d, with g_rstd's 1/rstd folded in
+  void backward(const float* __restrict ht, const TokenCoefficients& c, const float* __restrict g,
+                float* __restrict ght, const ThreadSums& sums, float* __restrict g_hw, float* __restrict scratch) const;
+
+  // Per-thread sums [static (n, wp) | scale (n, wp) | W (d, wp) | Wᵀ (width, d)], zeroed
+  Tensor sums(const Tensor& like) const {
+    return at::zeros({at::get_num_threads(), 2 * n * wp + (dynamic ? d * wp + width * d : 0)}, like.options());
   }
 
-  // sum_proj[:, q0 : q0 + padded(width)] += Hᵀ g_hw for a token's state H (n, d) and g_hw (n, padded(width),
-  // zero beyond width); column scratch holds n floats
-  void add_projection_gradient(float* __restrict sum_proj, const float* __restrict g_hw,
-                               const float* __restrict ht, int64_t n, int64_t q0, int64_t width,
-                               float* __restrict column) const {
-    if (!dynamic || width < 8) return;
-    const int64_t stride = padded(width);
-    for (int64_t c = 0; c < d_; ++c) {
-      for (int64_t i = 0; i < n; ++i) column[i] = ht[i * d_ + c];
-      row_times_matrix(sum_proj + c * (k_ + 8) + q0, column, g_hw, n, stride, stride, true);
-    }
-  }
-
-  // Per-thread parameter gradient sums (rows of `sums`, laid out as in ThreadSums) -> gradients of static
-  // (n, k), and if dynamic of scale (n, k) and proj (d, k) (empty tensors if static).
-  std::tuple<Tensor, Tensor, Tensor> gradients(const Tensor& sums, int64_t n) const {
-    const int64_t coef_size = n * kp();
-    Tensor grad_static = at::empty({n, k_}, sums.options());
-    Tensor grad_scale = at::empty({dynamic ? n : 0, k_}, sums.options());
-    Tensor grad_proj = at::empty({dynamic ? d_ : 0, k_}, sums.options());
-    const float* S = sums.data_ptr<float>();
-    const int64_t threads = sums.size(0), row = sums.size(1);
-    float* GS = grad_static.data_ptr<float>();
-    float* GSC = grad_scale.data_ptr<float>();
-    float* GP = grad_proj.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t q = 0; q < k_; ++q) {
-        float total_static = 0.0f, total_scale = 0.0f;
-        for (int64_t t = 0; t < threads; ++t) {
-          total_static += S[t * row + i * kp() + q];
-          if (dynamic) total_scale += S[t * row + coef_size + i * kp() + q];
-        }
-        GS[i * k_ + q] = total_static;
-        if (dynamic) GSC[i * k_ + q] = total_scale;
-      }
-    if (dynamic) {
-      for (int64_t c = 0; c < d_; ++c)
-        for (int64_t q = 0; q < k_; ++q) {
-          float total = 0.0f;
-          for (int64_t t = 0; t < threads; ++t) {
-            const float* proj = S + t * row + 2 * coef_size;
-            total += proj[c * (k_ + 8) + q] + proj[d_ * (k_ + 8) + q * d_ + c];
-          }
-          GP[c * k_ + q] = total;
-        }
-    }
-    return {grad_static, grad_scale, grad_proj};
-  }
-
-  Tensor sums(int64_t n, const Tensor& like) const {
-    return at::zeros({at::get_num_threads(), 2 * n * kp() + (dynamic ? 2 * d_ * k_ + 8 * d_ : 0)}, like.options());
+  // Summed per-thread sums -> gradients of static (n, k), and if dynamic of proj (d, k) and scale (n, k), zero
+  // outside this column range (empty tensors if static)
+  std::tuple<Tensor, Tensor, Tensor> gradients(const Tensor& sums) const {
+    Tensor total = sums.sum(0);
+    auto block = [&](int64_t offset, int64_t rows, int64_t cols) {
+      return total.narrow(0, offset, rows * cols).view({rows, cols});
+    };
+    Tensor grad_static = at::zeros({n, k}, sums.options());
+    grad_static.narrow(1, q0, width).copy_(block(0, n, wp).narrow(1, 0, width));
+    if (!dynamic) return {grad_static, at::empty({0}, sums.options()), at::empty({0}, sums.options())};
+    Tensor grad_scale = at::zeros({n, k}, sums.options());
+    grad_scale.narrow(1, q0, width).copy_(block(n * wp, n, wp).narrow(1, 0, width));
+    Tensor grad_proj = at::zeros({d, k}, sums.options());
+    grad_proj.narrow(1, q0, width).copy_(block(2 * n * wp, d, wp).narrow(1, 0, width));
+    grad_proj.narrow(1, q0, width).add_(block(2 * n * wp + d * wp, width, d).t());
+    return {grad_static, grad_proj, grad_scale};
   }
 
   const bool dynamic;
-
-  static int64_t padded(int64_t width) { return (width + 7) / 8 * 8; }
-  int64_t kp() const { return k_ + 8; }  // row stride of the padded (n, k) matrices and sums
+  const int64_t n, d, k, q0, width, wp;
 
  private:
-  const int64_t d_, k_;
+  static void axpy_scale(float* __restrict x, float r, int64_t len) {
+    for (int64_t c = 0; c < len; c += 8) store8(x + c, r * load8(x + c));
+  }
+
   const float eps_;
-  const float* static_ = nullptr;
-  Tensor proj_t_, proj_padded_, static_padded_, scale_padded_;
-  const float* W_ = nullptr;
-  const float* Wt_ = nullptr;
-  const float* scale_ = nullptr;
+  Tensor static_, scale_, proj_, proj_t_;
 };
 
-struct ThreadSums {  // this thread's row of the parameter gradient sums
+struct ThreadSums {  // this thread's row of Mixing::sums
   float *static_, *scale, *proj, *proj_t;
-  ThreadSums(Tensor& sums, int64_t n, int64_t d, int64_t k) {
-    static_ = sums.data_ptr<float>() + at::get_thread_num() * sums.size(1);  // (n, k + 8)
-    scale = static_ + n * (k + 8);  // (n, k + 8)
-    proj = scale + n * (k + 8);     // (d, k + 8): from add_projection_gradient
-    proj_t = proj + d * (k + 8);  // (k, d): the rank-1 updates of narrow column ranges
+  ThreadSums(Tensor& sums, const Mixing& mixing) {
+    static_ = sums.data_ptr<float>() + at::get_thread_num() * sums.size(1);
+    scale = static_ + mixing.n * mixing.wp;
+    proj = scale + mixing.n * mixing.wp;
+    proj_t = proj + mixing.d * mixing.wp;
   }
+};
+
+void Mixing::backward(const float* __restrict ht, const TokenCoefficients& c, const float* __restrict g,
+                      float* __restrict ght, const ThreadSums& sums, float* __restrict g_hw,
+                      float* __restrict scratch) const {
+  axpy(sums.static_, 1.0f, g, n * wp);
+  if (!dynamic) return;
+  const float* SC = scale_.data_ptr<float>();
+  const float* Wt = proj_t_.data_ptr<float>();
+  const float* __restrict pre = c.pre.data();
+  const float* __restrict act = c.act.data();
+  float* __restrict sum_scale = sums.scale;
+  float* __restrict g_pre_pre = scratch;  // g_pre ∘ pre, summed per slot below
+#pragma omp simd
+  for (int64_t e = 0; e < n * wp; ++e) {
+    sum_scale[e] += g[e] * act[e];
+    const float g_pre = g[e] * SC[e] * (1.0f - act[e] * act[e]);
+    g_pre_pre[e] = g_pre * pre[e];
+    g_hw[e] = g_pre;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = c.rstd[i];
+    const float* hi = ht + i * d;
+    float* g_hw_i = g_hw + i * wp;
+    float g_rstd_r = 0.0f;  // g_rstd · rstd
+    for (int64_t q = 0; q < wp; ++q) g_rstd_r += g_pre_pre[i * wp + q];
+    for (int64_t q = 0; q < wp; q += 8) store8(g_hw_i + q, r * load8(g_hw_i + q));
+    row_times_matrix(ght + i * d, g_hw_i, Wt, width, d, d, true);
+    axpy(ght + i * d, -g_rstd_r * r * r / d, hi, d);  // g_rstd · rstd³ / d
+    if (width < 8)  // W's gradient as rank-1 updates of Wᵀ's rows, along d
+      for (int64_t q = 0; q < width; ++q) axpy(sums.proj_t + q * d, g_hw_i[q], hi, d);
+  }
+  if (width < 8) return;
+  // W's gradient Hᵀ g_HW, row c of W from column c of H: reads g_HW rather than writing W's sums n times
+  float* column = scratch;
+  for (int64_t ch = 0; ch < d; ++ch) {
+    for (int64_t i = 0; i < n; ++i) column[i] = ht[i * d + ch];
+    row_times_matrix(sums.proj + ch * wp, column, g_hw, n, wp, wp, true);
+  }
+}
+
+// Per-thread workspace of an op: a token's coefficients, their gradient (zero beyond each row's width) and
+// scratch for Mixing::backward.
+struct Workspace {
+  TokenCoefficients coefficients;
+  std::vector<float> grad, g_hw, scratch, column;
+  explicit Workspace(const Mixing& mixing)
+      : coefficients(mixing.n, mixing.wp), grad(mixing.n * mixing.wp, 0.0f), g_hw(mixing.n * mixing.wp, 0.0f),
+        scratch(mixing.n * mixing.wp + mixing.n + mixing.d), column(mixing.n) {}
 };
 
 // h (T, n, d) -> x (T, m, d), X[j] = Σ_i Å[i, j] H[i]
@@ -312,21 +313,21 @@ Tensor read_forward(const Tensor& h, const Tensor& static_coef, const std::optio
                     const std::optional<Tensor>& scale, int64_t read_slots, double eps) {
   check_input(h, "h", 3);
   const Dims s(h, read_slots);
-  const Coefficients mixing(static_coef, proj, scale, s.d, eps);
+  const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
   Tensor x = at::empty({s.tokens, s.m, s.d}, h.options());
   const float* H = h.data_ptr<float>();
   float* X = x.data_ptr<float>();
   at::parallel_for(0, s.tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int64_t n = s.n, d = s.d, m = s.m;  // locals: loop bounds the compiler can vectorise on
-    const int64_t mp = Coefficients::padded(m);
-    std::vector<float> pre(mp), read(n * mp), column(n);
+    const int64_t n = s.n, d = s.d, m = s.m, wp = mixing.wp;  // locals: loop bounds the compiler can vectorise on
+    Workspace work(mixing);
+    const float* coef = work.coefficients.coef.data();
     for (int64_t t = begin; t < end; ++t) {
       const float* ht = H + t * n * d;
       float* xt = X + t * m * d;
-      for (int64_t i = 0; i < n; ++i) mixing.forward(ht + i * d, i, 0, m, pre.data(), &read[i * mp]);
+      mixing.forward(ht, work.coefficients);
       for (int64_t j = 0; j < m; ++j) {
-        for (int64_t i = 0; i < n; ++i) column[i] = read[i * mp + j];
-        row_times_matrix(xt + j * d, column.data(), ht, n, d, d, false);
+        for (int64_t i = 0; i < n; ++i) work.column[i] = coef[i * wp + j];  // Å[:, j]
+        row_times_matrix(xt + j * d, work.column.data(), ht, n, d, d, false);
       }
     }
   });
@@ -342,35 +343,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const 
   check_input(h, "h", 3);
   check_input(grad_x, "grad_x", 3);
   const Dims s(h, grad_x.size(1));
-  const Coefficients mixing(static_coef, proj, scale, s.d, eps);
-  Tensor sums = mixing.sums(s.n, h);
+  const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
+  Tensor sums = mixing.sums(h);
   Tensor grad_h = at::empty_like(h);
   const float* H = h.data_ptr<float>();
   const float* GX = grad_x.data_ptr<float>();
   float* GH = grad_h.data_ptr<float>();
   at::parallel_for(0, s.tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int64_t n = s.n, d = s.d, k = s.k, m = s.m;  // locals: loop bounds the compiler can vectorise on
-    const ThreadSums sum(sums, n, d, k);
-    std::vector<float> pre(Coefficients::padded(m)), read(Coefficients::padded(m)), g_read(Coefficients::padded(m)),
-        column(n);
-    std::vector<float> g_hw(n * Coefficients::padded(m), 0.0f);
+    const int64_t n = s.n, d = s.d, m = s.m, wp = mixing.wp;  // locals: loop bounds the compiler can vectorise on
+    const ThreadSums thread_sums(sums, mixing);
+    Workspace work(mixing);
+    const float* coef = work.coefficients.coef.data();
     for (int64_t t = begin; t < end; ++t) {
       const float* ht = H + t * n * d;
       const float* gxt = GX + t * m * d;
       float* ght = GH + t * n * d;
-      std::fill(ght, ght + n * d, 0.0f);
+      mixing.forward(ht, work.coefficients);
       for (int64_t i = 0; i < n; ++i) {
-        const float* hi = ht + i * d;
-        const float r = mixing.forward(hi, i, 0, m, pre.data(), read.data());
-        for (int64_t j = 0; j < m; ++j) g_read[j] = dot(hi, gxt + j * d, d);
-        row_times_matrix(ght + i * d, read.data(), gxt, m, d, d, true);
-        mixing.backward(hi, i, 0, m, pre.data(), r, g_read.data(), ght + i * d, sum.static_, sum.scale,
-                        sum.proj_t, &g_hw[i * Coefficients::padded(m)]);
+        for (int64_t j = 0; j < m; ++j) work.grad[i * wp + j] = dot(ht + i * d, gxt + j * d, d);
+        row_times_matrix(ght + i * d, coef + i * wp, gxt, m, d, d, false);
       }
-      mixing.add_projection_gradient(sum.proj, g_hw.data(), ht, n, 0, m, column.data());
+      mixing.backward(ht, work.coefficients, work.grad.data(), ght, thread_sums, work.g_hw.data(),
+                      work.scratch.data());
     }
   });
-  auto [grad_static, grad_scale, grad_proj] = mixing.gradients(sums, s.n);
+  auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums);
   return {grad_h, grad_static, grad_proj, grad_scale};
 }
 
@@ -380,25 +377,24 @@ Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& static_coef
   check_input(h, "h", 3);
   check_input(z, "z", 3);
   const Dims s(h, z.size(1));
-  const Coefficients mixing(static_coef, proj, scale, s.d, eps);
+  const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);  // row i: [Â[i, :] | Bᵀ[i, :]]
   Tensor out = at::empty_like(h);
   const float* H = h.data_ptr<float>();
   const float* Z = z.data_ptr<float>();
   float* O = out.data_ptr<float>();
   at::parallel_for(0, s.tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int64_t n = s.n, d = s.d, k = s.k, m = s.m;  // locals: loop bounds the compiler can vectorise on
-    const int64_t w = k - m;                             // row i: [Â[i, :] (n) | Bᵀ[i, :] (m)]
-    const int64_t wp = Coefficients::padded(w);
-    std::vector<float> pre(wp), rows(n * wp), column(n);
+    const int64_t n = s.n, d = s.d, m = s.m, wp = mixing.wp;  // locals: loop bounds the compiler can vectorise on
+    Workspace work(mixing);
+    const float* coef = work.coefficients.coef.data();
     for (int64_t t = begin; t < end; ++t) {
       const float* ht = H + t * n * d;
       const float* zt = Z + t * m * d;
       float* ot = O + t * n * d;
-      for (int64_t i = 0; i < n; ++i) mixing.forward(ht + i * d, i, m, k, pre.data(), &rows[i * wp]);
+      mixing.forward(ht, work.coefficients);
       for (int64_t j = 0; j < n; ++j) {
-        for (int64_t i = 0; i < n; ++i) column[i] = rows[i * wp + j];  // Â[:, j]
-        row_times_matrix(ot + j * d, column.data(), ht, n, d, d, false);
-        row_times_matrix(ot + j * d, &rows[j * wp + n], zt, m, d, d, true);
+        for (int64_t i = 0; i < n; ++i) work.column[i] = coef[i * wp + j];  // Â[:, j]
+        row_times_matrix(ot + j * d, work.column.data(), ht, n, d, d, false);
+        row_times_matrix(ot + j * d, coef + j * wp + n, zt, m, d, d, true);
       }
     }
   });
@@ -415,8 +411,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
   check_input(z, "z", 3);
   check_input(grad, "grad", 3);
   const Dims s(h, z.size(1));
-  const Coefficients mixing(static_coef, proj, scale, s.d, eps);
-  Tensor sums = mixing.sums(s.n, h);
+  const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);
+  Tensor sums = mixing.sums(h);
   Tensor grad_h = at::empty_like(h);
   Tensor grad_z = at::empty_like(z);
   const float* H = h.data_ptr<float>();
@@ -425,15 +421,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
   float* GH = grad_h.data_ptr<float>();
   float* GZ = grad_z.data_ptr<float>();
   // NOTE: with many slots the n x n products <H_i, G_j> are short dot products (d = 8 floats at (8, 64));
-  // as H Gᵀ with G transposed per token they become axpys over rows of n instead
+  // as H Gᵀ with G transposed per token they become rows of n instead
   const bool transpose = s.n >= 8;
   at::parallel_for(0, s.tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int64_t n = s.n, d = s.d, k = s.k, m = s.m;  // locals: loop bounds the compiler can vectorise on
-    const int64_t w = k - m;
-    const ThreadSums sum(sums, n, d, k);
-    std::vector<float> pre(Coefficients::padded(w)), row(Coefficients::padded(w)), g_row(Coefficients::padded(w)),
-        column(n);
-    std::vector<float> g_hw(n * Coefficients::padded(w), 0.0f);
+    const int64_t n = s.n, d = s.d, m = s.m, wp = mixing.wp;  // locals: loop bounds the compiler can vectorise on
+    const ThreadSums thread_sums(sums, mixing);
+    Workspace work(mixing);
+    const float* coef = work.coefficients.coef.data();
+    float* g_coef = work.grad.data();
     std::vector<float> grad_t(transpose ? d * n : 0), carry_grad(transpose ? n * n : 0);
     for (int64_t t = begin; t < end; ++t) {
       const float* ht = H + t * n * d;
@@ -441,28 +436,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
       const float* gt = G + t * n * d;
       float* ght = GH + t * n * d;
       float* gzt = GZ + t * m * d;
-      std::fill(ght, ght + n * d, 0.0f);
-      std::fill(gzt, gzt + m * d, 0.0f);
+      mixing.forward(ht, work.coefficients);
       if (transpose) {
         for (int64_t j = 0; j < n; ++j)
           for (int64_t c = 0; c < d; ++c) grad_t[c * n + j] = gt[j * d + c];
         for (int64_t i = 0; i < n; ++i) row_times_matrix(&carry_grad[i * n], ht + i * d, grad_t.data(), d, n, n, false);
       }
       for (int64_t i = 0; i < n; ++i) {
-        const float r = mixing.forward(ht + i * d, i, m, k, pre.data(), row.data());
-        row_times_matrix(ght + i * d, row.data(), gt, n, d, d, true);
-        for (int64_t j = 0; j < n; ++j) g_row[j] = transpose ? carry_grad[i * n + j] : dot(ht + i * d, gt + j * d, d);
-        for (int64_t l = 0; l < m; ++l) {
-          g_row[n + l] = dot(gt + i * d, zt + l * d, d);
-          axpy(gzt + l * d, row[n + l], gt + i * d, d);
-        }
-        mixing.backward(ht + i * d, i, m, k, pre.data(), r, g_row.data(), ght + i * d, sum.static_,
-                        sum.scale, sum.proj_t, &g_hw[i * Coefficients::padded(w)]);
+        row_times_matrix(ght + i * d, coef + i * wp, gt, n, d, d, false);  // Σ_j Â[i, j] G[j]
+        for (int64_t j = 0; j < n; ++j)
+          g_coef[i * wp + j] = transpose ? carry_grad[i * n + j] : dot(ht + i * d, gt + j * d, d);
+        for (int64_t l = 0; l < m; ++l) g_coef[i * wp + n + l] = dot(gt + i * d, zt + l * d, d);
       }
-      mixing.add_projection_gradient(sum.proj, g_hw.data(), ht, n, m, w, column.data());
+      for (int64_t l = 0; l < m; ++l) {  // G_Z[l] = Σ_i Bᵀ[i, l] G[i]
+        for (int64_t i = 0; i < n; ++i) work.column[i] = coef[i * wp + n + l];
+        row_times_matrix(gzt + l * d, work.column.data(), gt, n, d, d, false);
+      }
+      mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums, work.g_hw.data(), work.scratch.data());
     }
   });
-  auto [grad_static, grad_scale, grad_proj] = mixing.gradients(sums, s.n);
+  auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums);
   return {grad_h, grad_z, grad_static, grad_proj, grad_scale};
 }
 
