@@ -135,10 +135,12 @@ inline void row_times_matrix(float* __restrict out, const float* __restrict a, c
   }
 }
 
-// (rows, k) -> columns [q0, q0 + width) of it, each row zero-padded to `padded` columns: (rows, padded)
-Tensor padded_columns(const Tensor& t, int64_t q0, int64_t width, int64_t padded) {
-  Tensor out = at::zeros({t.size(0), padded}, t.options());
-  out.narrow(1, 0, width).copy_(t.narrow(1, q0, width));
+// contiguous (rows, k) -> columns [q0, q0 + width) of it, each row zero-padded to `padded` columns
+std::vector<float> padded_columns(const Tensor& t, int64_t q0, int64_t width, int64_t padded) {
+  const int64_t rows = t.size(0), k = t.size(1);
+  const float* T = t.data_ptr<float>();
+  std::vector<float> out(rows * padded, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(&out[r * padded], T + r * k + q0, sizeof(float) * width);
   return out;
 }
 
@@ -172,17 +174,19 @@ class Mixing {
     check_input(*scale, "scale", 2);
     scale_ = padded_columns(*scale, q0, width, wp);
     proj_ = padded_columns(*proj, q0, width, wp);
-    proj_t_ = proj->narrow(1, q0, width).t().contiguous();
+    proj_t_.resize(width * d);  // Wᵀ of the range, (width, d)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t q = 0; q < width; ++q) proj_t_[q * d + c] = proj_[c * wp + q];
   }
 
   // The token's state ht (n, d) -> its coefficients c (rows zero beyond width when static).
   void forward(const float* __restrict ht, TokenCoefficients& c) const {
     if (!dynamic) {
-      std::memcpy(c.coef.data(), static_.data_ptr<float>(), sizeof(float) * n * wp);
+      std::memcpy(c.coef.data(), static_.data(), sizeof(float) * n * wp);
       return;
     }
-    const float* W = proj_.data_ptr<float>();
-    const float* Wt = proj_t_.data_ptr<float>();
+    const float* W = proj_.data();
+    const float* Wt = proj_t_.data();
     for (int64_t i = 0; i < n; ++i) {
       const float* hi = ht + i * d;
       const float r = 1.0f / std::sqrt(dot(hi, hi, d) / d + eps_);
@@ -195,8 +199,8 @@ class Mixing {
       }
       c.rstd[i] = r;
     }
-    const float* S0 = static_.data_ptr<float>();
-    const float* SC = scale_.data_ptr<float>();
+    const float* S0 = static_.data();
+    const float* SC = scale_.data();
     float* __restrict pre = c.pre.data();
     float* __restrict act = c.act.data();
     float* __restrict coef = c.coef.data();
@@ -214,26 +218,35 @@ class Mixing {
   void backward(const float* __restrict ht, const TokenCoefficients& c, const float* __restrict g,
                 float* __restrict ght, const ThreadSums& sums, float* __restrict g_hw, float* __restrict scratch) const;
 
-  // Per-thread sums [static (n, wp) | scale (n, wp) | W (d, wp) | Wᵀ (width, d)], zeroed
-  Tensor sums(const Tensor& like) const {
-    return at::zeros({at::get_num_threads(), 2 * n * wp + (dynamic ? d * wp + width * d : 0)}, like.options());
-  }
+  // Per-thread sums [static (n, wp) | scale (n, wp) | W (d, wp) | Wᵀ (width, d)], zeroed: one row per thread
+  int64_t sums_row() const { return 2 * n * wp + (dynamic ? d * wp + width * d : 0); }
+  std::vector<float> sums() const { return std::vector<float>(at::get_num_threads() * sums_row(), 0.0f); }
 
-  // Summed per-thread sums -> gradients of static (n, k), and if dynamic of proj (d, k) and scale (n, k), zero
+  // The per-thread sums -> gradients of static (n, k), and if dynamic of proj (d, k) and scale (n, k), zero
   // outside this column range (empty tensors if static)
-  std::tuple<Tensor, Tensor, Tensor> gradients(const Tensor& sums) const {
-    Tensor total = sums.sum(0);
-    auto block = [&](int64_t offset, int64_t rows, int64_t cols) {
-      return total.narrow(0, offset, rows * cols).view({rows, cols});
+  std::tuple<Tensor, Tensor, Tensor> gradients(const std::vector<float>& sums, const Tensor& like) const {
+    const int64_t threads = static_cast<int64_t>(sums.size()) / sums_row();
+    auto total = [&](int64_t offset) {  // element `offset` of a row, summed over threads
+      float sum = 0.0f;
+      for (int64_t t = 0; t < threads; ++t) sum += sums[t * sums_row() + offset];
+      return sum;
     };
-    Tensor grad_static = at::zeros({n, k}, sums.options());
-    grad_static.narrow(1, q0, width).copy_(block(0, n, wp).narrow(1, 0, width));
-    if (!dynamic) return {grad_static, at::empty({0}, sums.options()), at::empty({0}, sums.options())};
-    Tensor grad_scale = at::zeros({n, k}, sums.options());
-    grad_scale.narrow(1, q0, width).copy_(block(n * wp, n, wp).narrow(1, 0, width));
-    Tensor grad_proj = at::zeros({d, k}, sums.options());
-    grad_proj.narrow(1, q0, width).copy_(block(2 * n * wp, d, wp).narrow(1, 0, width));
-    grad_proj.narrow(1, q0, width).add_(block(2 * n * wp + d * wp, width, d).t());
+    Tensor grad_static = at::zeros({n, k}, like.options());
+    Tensor grad_scale = at::zeros({dynamic ? n : 0, k}, like.options());
+    Tensor grad_proj = at::zeros({dynamic ? d : 0, k}, like.options());
+    float* GS = grad_static.data_ptr<float>();
+    float* GSC = grad_scale.data_ptr<float>();
+    float* GP = grad_proj.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t q = 0; q < width; ++q) {
+        GS[i * k + q0 + q] = total(i * wp + q);
+        if (dynamic) GSC[i * k + q0 + q] = total(n * wp + i * wp + q);
+      }
+    if (dynamic)
+      for (int64_t c = 0; c < d; ++c)
+        for (int64_t q = 0; q < width; ++q)
+          GP[c * k + q0 + q] = total(2 * n * wp + c * wp + q) + total(2 * n * wp + d * wp + q * d + c);
+    if (!dynamic) return {grad_static, at::empty({0}, like.options()), at::empty({0}, like.options())};
     return {grad_static, grad_proj, grad_scale};
   }
 
@@ -246,13 +259,13 @@ class Mixing {
   }
 
   const float eps_;
-  Tensor static_, scale_, proj_, proj_t_;
+  std::vector<float> static_, scale_, proj_, proj_t_;  // the range's columns, rows padded to wp (Wᵀ: width x d)
 };
 
 struct ThreadSums {  // this thread's row of Mixing::sums
   float *static_, *scale, *proj, *proj_t;
-  ThreadSums(Tensor& sums, const Mixing& mixing) {
-    static_ = sums.data_ptr<float>() + at::get_thread_num() * sums.size(1);
+  ThreadSums(std::vector<float>& sums, const Mixing& mixing) {
+    static_ = sums.data() + at::get_thread_num() * mixing.sums_row();
     scale = static_ + mixing.n * mixing.wp;
     proj = scale + mixing.n * mixing.wp;
     proj_t = proj + mixing.d * mixing.wp;
@@ -264,8 +277,8 @@ void Mixing::backward(const float* __restrict ht, const TokenCoefficients& c, co
                       float* __restrict scratch) const {
   axpy(sums.static_, 1.0f, g, n * wp);
   if (!dynamic) return;
-  const float* SC = scale_.data_ptr<float>();
-  const float* Wt = proj_t_.data_ptr<float>();
+  const float* SC = scale_.data();
+  const float* Wt = proj_t_.data();
   const float* __restrict pre = c.pre.data();
   const float* __restrict act = c.act.data();
   float* __restrict sum_scale = sums.scale;
@@ -344,7 +357,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const 
   check_input(grad_x, "grad_x", 3);
   const Dims s(h, grad_x.size(1));
   const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
-  Tensor sums = mixing.sums(h);
+  std::vector<float> sums = mixing.sums();
   Tensor grad_h = at::empty_like(h);
   const float* H = h.data_ptr<float>();
   const float* GX = grad_x.data_ptr<float>();
@@ -367,7 +380,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const 
                       work.scratch.data());
     }
   });
-  auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums);
+  auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums, h);
   return {grad_h, grad_static, grad_proj, grad_scale};
 }
 
@@ -412,7 +425,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
   check_input(grad, "grad", 3);
   const Dims s(h, z.size(1));
   const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);
-  Tensor sums = mixing.sums(h);
+  std::vector<float> sums = mixing.sums();
   Tensor grad_h = at::empty_like(h);
   Tensor grad_z = at::empty_like(z);
   const float* H = h.data_ptr<float>();
@@ -455,7 +468,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
       mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums, work.g_hw.data(), work.scratch.data());
     }
   });
-  auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums);
+  auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums, h);
   return {grad_h, grad_z, grad_static, grad_proj, grad_scale};
 }
 
