@@ -115,7 +115,10 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         # every matmul of the step is recorded: all of 3 × the forward FLOPs but attention's SDPA kernel and
         # the GHC products, which the fused GHC kernels compute (2 per layer, MTP's layer included)
         ghc = 0 if run["n"] == 1 else 2 * 2 * accounting.ghc_flops_per_token(32, run["m"], run["n"])
-        assert 1e9 * run["matmul_gflop"] == pytest.approx(3 * (run["flops_per_token"] - ghc) * 2 * 16, rel=0.1)
+        matmul_flops = 3 * (run["flops_per_token"] - ghc) * 2 * 16
+        assert 1e9 * run["matmul_gflop"] == pytest.approx(matmul_flops, rel=0.1)
+        # the ceiling counts the FLOPs of those calls only, at their standalone time
+        assert run["mfu_ceiling"] == pytest.approx(matmul_flops / (run["matmul_ms"] / 1e3) / 1e10)
         assert sum(run["breakdown_ms"].values()) == pytest.approx(run["step_ms"])
     assert runs[0]["overhead_measured"] == runs[0]["overhead_predicted"] == runs[0]["overhead_matmul_floor"] == 0.0
     for run in runs[1:]:  # the width's GHC products are extra calls; the floor is their time over the r = 1 step
