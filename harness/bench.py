@@ -5,16 +5,18 @@ For each config and virtual width (m, n) it times the training step exactly as `
 
     tokens_per_s         tokens / median step time, after warm-up
     mfu                  3 · forward FLOPs per token (`accounting`) · tokens_per_s / matmul rate,
-                         the matmul rate being a large fp32 `torch.mm` measured in the same process
+                         the matmul rate being a large fp32 `torch.mm` measured in the same process,
+                         before and after the timed steps (the faster of the two)
     overhead_measured    step time / step time at r = 1 - 1     (0.20 = +20 %)
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
                          (mm, bmm, addmm, baddbmm and the MoE's grouped products, recorded with shapes
-                         in one step), each as fast as it runs alone with warm caches (`matmul_ms`): an
-                         upper bound for this model on this machine, whatever happens to the rest of the step
+                         in one step), each as fast as it runs alone with warm caches (`matmul_ms`),
+                         counting only the FLOPs those calls do (not the GHC products of the fused GHC
+                         kernels): an upper bound for the matmul part of the step on this machine
     overhead_matmul_floor  (matmul_ms - matmul_ms at r = 1) / step time at r = 1: the overhead that the
-                         width's extra matmul calls alone add, a floor for any step made of these calls
-                         whose other work does not shrink as the width grows
+                         width's extra matmul calls alone add (with the fused GHC kernels: the wider
+                         embedding, reduce head and MTP merge)
     peak_mem_bytes       parameters + optimizer state + the step's peak of live tensors
     breakdown            where the step's time goes, from one profiled step, in ms of the median
                          step: attention and moe (each with its pre-norm), ghc (the rest of each block:
@@ -430,9 +432,10 @@ def fused_ghc_flops_per_token(config: RunConfig) -> int:
     return 2 * (c.n_layers + int(c.mtp)) * accounting.ghc_flops_per_token(c.d_model, c.m, c.n, c.dynamic)
 
 
-def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], matmul_rate: float,
-                 rounds: int, per_round: int, compile: bool) -> list[dict]:
-    """Every width of one config: timing, MFU, overheads, peak memory and breakdown."""
+def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], rounds: int, per_round: int,
+                 compile: bool) -> list[dict]:
+    """Every width of one config: timing, model FLOP rates (MFU once divided by the machine's rate),
+    overheads, peak memory and breakdown."""
     configs = [with_width(config, pair) for pair in pairs]
     steps = [TrainingStep(c, compile) for c in configs]
     first_step = [median_seconds(step, 1) for step in steps]  # allocations, optimizer state, compilation
@@ -453,10 +456,10 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], mat
             "step_ms": 1e3 * s,
             "tokens_per_s": step.tokens / s,
             "flops_per_token": f,
-            "mfu": 3 * f * step.tokens / s / matmul_rate,
+            "model_flops_per_s": 3 * f * step.tokens / s,
             # the MFU if the step were nothing but its matmul calls, each as fast as it runs alone (counting only
             # the FLOPs those calls do: not the GHC products inside the fused kernels)
-            "mfu_ceiling": 3 * (f - f_fused) * step.tokens / matmul_s / matmul_rate,
+            "matmul_call_flops_per_s": 3 * (f - f_fused) * step.tokens / matmul_s,
             "matmul_ms": 1e3 * matmul_s,
             "matmul_gflop": sum(count * matmul_flops(call) for call, count in calls.items()) / 1e9,
             "overhead_measured": s / base_seconds - 1,
@@ -524,6 +527,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def with_mfu(run: dict, matmul_rate: float) -> dict:
+    """The run with `mfu` and `mfu_ceiling` (its FLOP rates over the machine's) after the rates they come from."""
+    ratios = {"model_flops_per_s": "mfu", "matmul_call_flops_per_s": "mfu_ceiling"}
+    out = {}
+    for key, value in run.items():
+        out[key] = value
+        if key in ratios:
+            out[ratios[key]] = value / matmul_rate
+    return out
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.threads:
@@ -533,13 +547,18 @@ def bench_main(argv: list[str] | None = None) -> int:
     rounds, per_round = (3, 3) if args.quick else (args.rounds, args.steps)
     pairs = widths(args.r, args.m)
     configs = {name: reference_config(name) for name in names}
-    matmul_rate = matmul_flops_per_s()
-    result = {"matmul_flops_per_s": matmul_rate, "threads": torch.get_num_threads(), "compile": args.compile,
-              "retain_freed_memory": retained, "runs": [], "moe_vs_dense": {}}
+    rates = [matmul_flops_per_s()]
+    result = {"threads": torch.get_num_threads(), "compile": args.compile, "retain_freed_memory": retained,
+              "runs": [], "moe_vs_dense": {}}
     for name, config in configs.items():
-        result["runs"] += bench_config(name, config, pairs, matmul_rate, rounds, per_round, args.compile)
+        result["runs"] += bench_config(name, config, pairs, rounds, per_round, args.compile)
         if config.model.n_experts > 0:
             result["moe_vs_dense"][name] = moe_vs_dense(config)
+    # NOTE: the machine's rate is the faster of a measurement before and one after the timed steps: this
+    # machine's speed drifts, and one measurement in a slow moment overstated every MFU by a quarter
+    rates.append(matmul_flops_per_s())
+    result["matmul_flops_per_s"], result["matmul_flops_per_s_measured"] = max(rates), rates
+    result["runs"] = [with_mfu(run, max(rates)) for run in result["runs"]]
     write_outputs(result, Path(args.out))
     print(format_table(result))
     print(f"\nwrote {Path(args.out) / 'bench.json'} and bench.csv")

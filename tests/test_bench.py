@@ -99,13 +99,14 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
     }
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(run_config))
-    monkeypatch.setattr(bench, "matmul_flops_per_s", lambda: 1e10)  # the 4096² matmul is slow for a unit test
+    rates = iter([1e10, 2e10])  # before and after the timed steps; the 4096² matmul is slow for a unit test
+    monkeypatch.setattr(bench, "matmul_flops_per_s", lambda: next(rates))
     out = tmp_path / "out"
     assert bench.bench_main(["--config", str(path), "--m", "2", "--r", "1", "1.5", "4",
                              "--rounds", "1", "--steps", "2", "--default-malloc", "--out", str(out)]) == 0
 
     result = json.loads((out / "bench.json").read_text())
-    assert result["matmul_flops_per_s"] == 1e10
+    assert result["matmul_flops_per_s"] == 2e10 and result["matmul_flops_per_s_measured"] == [1e10, 2e10]
     runs = result["runs"]
     assert [(r["m"], r["n"], r["r"]) for r in runs] == [(1, 1, 1.0), (2, 3, 1.5), (2, 8, 4.0)]
     for run in runs:
@@ -118,7 +119,8 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         matmul_flops = 3 * (run["flops_per_token"] - ghc) * 2 * 16
         assert 1e9 * run["matmul_gflop"] == pytest.approx(matmul_flops, rel=0.1)
         # the ceiling counts the FLOPs of those calls only, at their standalone time
-        assert run["mfu_ceiling"] == pytest.approx(matmul_flops / (run["matmul_ms"] / 1e3) / 1e10)
+        assert run["mfu_ceiling"] == pytest.approx(matmul_flops / (run["matmul_ms"] / 1e3) / 2e10)  # the faster rate
+        assert run["mfu"] == pytest.approx(3 * run["flops_per_token"] * run["tokens_per_s"] / 2e10)
         assert sum(run["breakdown_ms"].values()) == pytest.approx(run["step_ms"])
     assert runs[0]["overhead_measured"] == runs[0]["overhead_predicted"] == runs[0]["overhead_matmul_floor"] == 0.0
     for run in runs[1:]:  # the width's GHC products are extra calls; the floor is their time over the r = 1 step
@@ -162,3 +164,11 @@ def test_profiled_steps_leave_stderr_clean_and_restore_it(capfd):
     assert "profiler_start" not in capfd.readouterr().err  # kineto's C++ lines were discarded
     print("after", file=sys.stderr, flush=True)
     assert capfd.readouterr().err == "after\n"  # and file descriptor 2 works again
+
+
+def test_with_mfu_puts_each_ratio_after_its_rate():
+    run = {"step_ms": 10.0, "model_flops_per_s": 4e9, "matmul_call_flops_per_s": 8e9, "peak_mem_bytes": 1}
+    out = bench.with_mfu(run, 2e10)
+    assert list(out) == ["step_ms", "model_flops_per_s", "mfu", "matmul_call_flops_per_s", "mfu_ceiling",
+                         "peak_mem_bytes"]
+    assert out["mfu"] == pytest.approx(0.2) and out["mfu_ceiling"] == pytest.approx(0.4)
