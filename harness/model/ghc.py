@@ -17,6 +17,10 @@ of H (fp32, temperature τ = √d_b):
 (1, 1) is the plain residual connection (x = H, H⁺ = H + z) and carries no parameters: with a
 single slot there is nothing to mix, so the baseline is this module's degenerate case, not a
 separate model.
+
+On CPU in fp32, read and write run as fused C++ kernels (`ghc_kernel`, several times faster: each
+token's coefficients are recomputed in cache instead of stored); the torch code below serves every
+other dtype and device, and is the tests' reference for the kernels.
 """
 
 from __future__ import annotations
