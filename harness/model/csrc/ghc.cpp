@@ -135,6 +135,19 @@ inline void row_times_matrix(float* __restrict out, const float* __restrict a, c
   }
 }
 
+// x[0:len] *= r, len a multiple of 8
+inline void scale_vectors(float* __restrict x, float r, int64_t len) {
+  for (int64_t c = 0; c < len; c += 8) store8(x + c, r * load8(x + c));
+}
+
+// out (d) = Σ_i coef[i · stride + column] · rows[i] (rows: n × d): one column of a token's (n, wp)
+// coefficients times its n state rows, the column gathered into `scratch` (n floats) first
+inline void column_times_rows(float* __restrict out, const float* __restrict coef, int64_t stride, int64_t column,
+                              const float* __restrict rows, int64_t n, int64_t d, float* __restrict scratch) {
+  for (int64_t i = 0; i < n; ++i) scratch[i] = coef[i * stride + column];
+  row_times_matrix(out, scratch, rows, n, d, d, false);
+}
+
 // contiguous (rows, k) -> columns [q0, q0 + width) of it, each row zero-padded to `padded` columns
 std::vector<float> padded_columns(const Tensor& t, int64_t q0, int64_t width, int64_t padded) {
   const int64_t rows = t.size(0), k = t.size(1);
@@ -193,7 +206,7 @@ class Mixing {
       float* pre = &c.pre[i * wp];
       if (width >= 8) {  // hi times the rows of W, whole vectors of columns at a time
         row_times_matrix(pre, hi, W, d, wp, wp, false);
-        axpy_scale(pre, r, wp);
+        scale_vectors(pre, r, wp);
       } else {  // few columns: dot products of d floats with the rows of Wᵀ (the padding stays zero)
         for (int64_t q = 0; q < width; ++q) pre[q] = r * dot(hi, Wt + q * d, d);
       }
@@ -212,7 +225,7 @@ class Mixing {
   }
 
   // The gradient g (n, wp; zero beyond width) of a token's coefficients c -> adds to the state gradient
-  // ght (n, d) and to this thread's parameter sums. g_hw (n, wp) and scratch (n · wp + n) are workspace.
+  // ght (n, d) and to this thread's parameter sums. g_hw (n, wp) and scratch (n · wp) are workspace.
   //   g_pre = g ∘ scale ∘ (1 - tanh²),  g_HW = rstd · g_pre,  g_rstd = Σ_q g_pre ∘ pre / rstd
   //   g_H = g_HW Wᵀ - g_rstd · rstd³ / d · H,   g_W += Hᵀ g_HW
   void backward(const float* __restrict ht, const TokenCoefficients& c, const float* __restrict g,
@@ -254,10 +267,6 @@ class Mixing {
   const int64_t n, d, k, q0, width, wp;
 
  private:
-  static void axpy_scale(float* __restrict x, float r, int64_t len) {
-    for (int64_t c = 0; c < len; c += 8) store8(x + c, r * load8(x + c));
-  }
-
   const float eps_;
   std::vector<float> static_, scale_, proj_, proj_t_;  // the range's columns, rows padded to wp (Wᵀ: width x d)
 };
@@ -296,7 +305,7 @@ void Mixing::backward(const float* __restrict ht, const TokenCoefficients& c, co
     float* g_hw_i = g_hw + i * wp;
     float g_rstd_r = 0.0f;  // g_rstd · rstd
     for (int64_t q = 0; q < wp; ++q) g_rstd_r += g_pre_pre[i * wp + q];
-    for (int64_t q = 0; q < wp; q += 8) store8(g_hw_i + q, r * load8(g_hw_i + q));
+    scale_vectors(g_hw_i, r, wp);
     row_times_matrix(ght + i * d, g_hw_i, Wt, width, d, d, true);
     axpy(ght + i * d, -g_rstd_r * r * r / d, hi, d);  // g_rstd · rstd³ / d
     if (width < 8)  // W's gradient as rank-1 updates of Wᵀ's rows, along d
@@ -318,7 +327,7 @@ struct Workspace {
   std::vector<float> grad, g_hw, scratch, column;
   explicit Workspace(const Mixing& mixing)
       : coefficients(mixing.n, mixing.wp), grad(mixing.n * mixing.wp, 0.0f), g_hw(mixing.n * mixing.wp, 0.0f),
-        scratch(mixing.n * mixing.wp + mixing.n + mixing.d), column(mixing.n) {}
+        scratch(mixing.n * mixing.wp), column(mixing.n) {}
 };
 
 // h (T, n, d) -> x (T, m, d), X[j] = Σ_i Å[i, j] H[i]
@@ -338,10 +347,8 @@ Tensor read_forward(const Tensor& h, const Tensor& static_coef, const std::optio
       const float* ht = H + t * n * d;
       float* xt = X + t * m * d;
       mixing.forward(ht, work.coefficients);
-      for (int64_t j = 0; j < m; ++j) {
-        for (int64_t i = 0; i < n; ++i) work.column[i] = coef[i * wp + j];  // Å[:, j]
-        row_times_matrix(xt + j * d, work.column.data(), ht, n, d, d, false);
-      }
+      for (int64_t j = 0; j < m; ++j)  // X[j] = Σ_i Å[i, j] H[i]
+        column_times_rows(xt + j * d, coef, wp, j, ht, n, d, work.column.data());
     }
   });
   return x;
@@ -405,8 +412,7 @@ Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& static_coef
       float* ot = O + t * n * d;
       mixing.forward(ht, work.coefficients);
       for (int64_t j = 0; j < n; ++j) {
-        for (int64_t i = 0; i < n; ++i) work.column[i] = coef[i * wp + j];  // Â[:, j]
-        row_times_matrix(ot + j * d, work.column.data(), ht, n, d, d, false);
+        column_times_rows(ot + j * d, coef, wp, j, ht, n, d, work.column.data());  // Σ_i Â[i, j] H[i]
         row_times_matrix(ot + j * d, coef + j * wp + n, zt, m, d, d, true);
       }
     }
@@ -461,10 +467,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
           g_coef[i * wp + j] = transpose ? carry_grad[i * n + j] : dot(ht + i * d, gt + j * d, d);
         for (int64_t l = 0; l < m; ++l) g_coef[i * wp + n + l] = dot(gt + i * d, zt + l * d, d);
       }
-      for (int64_t l = 0; l < m; ++l) {  // G_Z[l] = Σ_i Bᵀ[i, l] G[i]
-        for (int64_t i = 0; i < n; ++i) work.column[i] = coef[i * wp + n + l];
-        row_times_matrix(gzt + l * d, work.column.data(), gt, n, d, d, false);
-      }
+      for (int64_t l = 0; l < m; ++l)  // G_Z[l] = Σ_i Bᵀ[i, l] G[i]
+        column_times_rows(gzt + l * d, coef, wp, n + l, gt, n, d, work.column.data());
       mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums, work.g_hw.data(), work.scratch.data());
     }
   });
