@@ -1,4 +1,5 @@
-"""linear_cross_entropy: the chunked LM-head loss equals the plain (N, V)-logits cross-entropy."""
+"""linear_cross_entropy: the chunked LM-head loss equals the plain (N, V)-logits cross-entropy, on the fused CPU
+kernel and on the torch code that other devices take."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.model import LanguageModel, ModelConfig
+from harness.model import LanguageModel, ModelConfig, cpu_kernels
 from harness.model.loss import _chunk_rows, linear_cross_entropy
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """Run the test on the fused kernel, and again on the torch code (as when the extension cannot build)."""
+    assert cpu_kernels.available(), "the CPU kernels did not build (see the warning)"
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "_built", False)
+    return request.param
 
 
 def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -16,7 +26,7 @@ def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> 
 
 # one row; several chunks of 128 rows with a ragged last one (V = 4096); chunks of the 16-row minimum (large V)
 @pytest.mark.parametrize("rows, vocab", [(1, 50), (300, 4096), (2 * 128 + 7, 4096), (40, 70_000)])
-def test_loss_and_gradients_equal_the_plain_cross_entropy(rows, vocab):
+def test_loss_and_gradients_equal_the_plain_cross_entropy(rows, vocab, path):
     torch.manual_seed(0)
     hidden = torch.randn(rows, 24, requires_grad=True)
     weight = torch.randn(vocab, 24, requires_grad=True)
@@ -31,7 +41,7 @@ def test_loss_and_gradients_equal_the_plain_cross_entropy(rows, vocab):
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
 
 
-def test_without_gradients_it_only_computes_the_loss():
+def test_without_gradients_it_only_computes_the_loss(path):
     torch.manual_seed(0)
     hidden, weight = torch.randn(2, 9, 8), torch.randn(30, 8, requires_grad=True)
     targets = torch.randint(0, 30, (2, 9))
@@ -55,6 +65,31 @@ def test_bf16_autocast_computes_the_loss_in_fp32():
 def test_mismatched_targets_are_an_error():
     with pytest.raises(ValueError, match="7 targets for 8 rows"):
         linear_cross_entropy(torch.randn(8, 4), torch.randn(10, 4), torch.zeros(7, dtype=torch.long))
+
+
+def test_the_kernel_rejects_targets_outside_the_vocabulary():
+    assert cpu_kernels.available()
+    with pytest.raises(RuntimeError, match=r"target 10 out of range \[0, 10\)"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(10, 4), torch.tensor([0, 10, 2]))
+
+
+def test_the_kernels_softmax_is_accurate_to_fp32_rounding():
+    """Logits from 0 down to -300 (past fp32's exp underflow near -87), exact in fp32 (hidden (1, 1), weight
+    [0 | offset]), over a vocabulary that is not a whole number of vectors (the scalar tail), the target at the
+    top, the bottom and in between: every softmax entry (the weight's gradient) and the loss against float64."""
+    assert cpu_kernels.available()
+    vocab = 1000 + 7
+    offsets = torch.linspace(0.0, -300.0, vocab)  # steps of 0.3: the exp's range reduction sees every residue
+    weight = torch.stack([torch.zeros(vocab), offsets], dim=1).requires_grad_()
+    for target in (0, 5, 500, vocab - 8, vocab - 1):
+        targets = torch.tensor([target])
+        loss = linear_cross_entropy(torch.ones(1, 2), weight, targets)
+        softmax = torch.autograd.grad(loss, weight)[0][:, 1]  # softmax - onehot(target)
+        logits = offsets.double()
+        want_softmax = logits.softmax(0) - F.one_hot(targets[0], vocab).double()
+        want_loss = logits.logsumexp(0) - logits[target]
+        torch.testing.assert_close(softmax.double(), want_softmax, rtol=1e-6, atol=1e-37)
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mtp", [False, True])

@@ -1,27 +1,16 @@
-"""Fused CPU kernels for the GHC read and write (fp32), from `csrc/ghc.cpp`, built on first use.
+"""Autograd functions around the fused CPU GHC kernels (`csrc/ghc.cpp`, built by `cpu_kernels`).
 
 `fused_read` and `fused_write` compute what `GeneralizedHyperConnection.read` / `.write` compute on
-their reference path, each as one pass over its tensors forward and one backward. The extension is
-compiled with `-march=native` once per CPU type (the CPU's flags are part of its name, so a shared
-cache on a cluster of mixed nodes keeps one build per type) into torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions). If it cannot be built (no C++ compiler),
-`available()` warns once with the reason and returns False, and the model uses the reference path.
+their reference path, each as one pass over its tensors forward and one backward.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import shutil
-import sys
-import warnings
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "ghc.cpp"
+from harness.model import cpu_kernels
 
 
 class MixingParameters(NamedTuple):
@@ -32,51 +21,23 @@ class MixingParameters(NamedTuple):
     scale: torch.Tensor | None  # S (n, 2m+n); None for a static GHC
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's instruction-set flags (Linux), so `-march=native` builds never cross CPU types."""
-    flags = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
-
-
-_built: bool | None = None  # None until the first `available()`
-
-
-def _build() -> bool:
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:  # the `ninja` package's binary sits next to this Python, maybe not on PATH
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    try:
-        cpp_extension.load(name=f"vwn_ghc_{_cpu_tag()}", sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast",
-                                         "-fopenmp"],
-                           extra_ldflags=["-fopenmp"])
-    except (RuntimeError, OSError) as error:  # no compiler, no ninja, a failed build
-        warnings.warn(f"GHC kernels unavailable, using the slower reference path: {error}", stacklevel=3)
-        return False
-    _register_fake_kernels()
-    return True
+_fakes_registered = False
 
 
 def available() -> bool:
-    """Build (or load the cached build of) the extension on the first call; False, with one warning, if that fails."""
-    global _built
-    if _built is None:
-        _built = _build()
-    return _built
-
-
-def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernels can take these operands: fp32 CPU tensors, and the extension builds.
-
-    torch.compile cannot trace the build, so while compiling this reads the outcome of an earlier eager call
-    (`LanguageModel.compile` makes one)."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+    """Whether the GHC ops are there (building the extension on the first call), their shapes known to torch.compile."""
+    global _fakes_registered
+    if not cpu_kernels.available():
         return False
-    return bool(_built) if torch.compiler.is_compiling() else available()
+    if not _fakes_registered:
+        _register_fake_kernels()
+        _fakes_registered = True
+    return True
+
+
+def applies(h: torch.Tensor) -> bool:
+    """Whether the fused kernels take this state: fp32 on CPU, and the extension builds."""
+    return cpu_kernels.applies(h) and (torch.compiler.is_compiling() or available())
 
 
 def _register_fake_kernels() -> None:

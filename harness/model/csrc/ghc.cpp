@@ -19,7 +19,6 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -27,37 +26,17 @@
 #include <tuple>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
 using at::Tensor;
+using vwn::load8;
+using vwn::store8;
+using vwn::tanh_approx;
+using vwn::v8;
 
 constexpr int64_t kGrainTokens = 32;
-
-// tanh in single precision, written so the compiler vectorises loops that call it (std::tanh stops
-// vectorisation). |error| < 1e-7 against torch.tanh (tested): tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|),
-// with exp by range reduction (2^k · exp(r), |r| ≤ ln2 / 2, degree-7 Taylor); below |x| = 0.1, where
-// 1 - e cancels, the odd Taylor series to x⁹ instead.
-__attribute__((always_inline)) inline float tanh_approx(float x) {
-  float a = std::fabs(x);
-  a = a < 9.0f ? a : 9.0f;  // tanh(9) rounds to 1 in fp32
-  const float u = -2.0f * a;
-  const int32_t k = -static_cast<int32_t>(0.5f - u * 1.44269504f);  // round(u / ln 2); a conversion, unlike
-  const float r = u - static_cast<float>(k) * 0.693147181f;        // floor, vectorises without -fno-trapping-math
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float e = p * std::bit_cast<float>((k + 127) << 23);
-  const float large = (1.0f - e) / (1.0f + e);
-  const float a2 = a * a;
-  const float small = a * (1.0f + a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f + a2 * (-17.0f / 315.0f + a2 * (62.0f / 2835.0f)))));
-  const float magnitude = a < 0.1f ? small : large;
-  return x < 0.0f ? -magnitude : magnitude;
-}
 
 void check_input(const Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
@@ -69,19 +48,6 @@ struct Dims {
   int64_t tokens, n, d, m, k;
   Dims(const Tensor& h, int64_t m) : tokens(h.size(0)), n(h.size(1)), d(h.size(2)), m(m), k(2 * m + h.size(1)) {}
 };
-
-// Eight-lane blocks through GCC's vector extension (one AVX register; two NEON registers elsewhere): the
-// rows here are often 8 to 32 floats long, where an auto-vectorised loop spends its time in set-up and
-// remainder handling.
-typedef float v8 __attribute__((vector_size(32)));
-
-inline v8 load8(const float* p) {
-  v8 v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
 
 // out[0:len] += a · x[0:len]
 __attribute__((always_inline)) inline void axpy(float* __restrict out, float a, const float* __restrict x, int64_t len) {

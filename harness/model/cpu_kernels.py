@@ -1,0 +1,76 @@
+"""The fused CPU kernels (fp32) of `csrc/`, built on first use into one extension.
+
+- `csrc/ghc.cpp`: the GHC read and write, forward and backward (ops `vwn_ghc::*`, wrapped by `ghc_kernel`);
+- `csrc/cross_entropy.cpp`: the chunked LM-head cross-entropy with its gradients (`vwn_ce::*`, used by `loss`).
+
+The extension is compiled with `-march=native` once per CPU type and source version (both hashed into its
+name, so a shared cache on a cluster of mixed nodes keeps one build per type, and an edited source never
+loads a stale build) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions).
+If it cannot be built (no C++ compiler), `available()` warns once with the reason and returns False, and the
+model takes its torch code instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE_DIR = Path(__file__).with_name("csrc")
+SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))
+
+
+def _build_tag() -> str:
+    """A short hash of the CPU's instruction-set flags (Linux) and of the sources, headers included."""
+    flags = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
+    digest = hashlib.sha1(f"{platform.machine()} {flags}".encode())
+    for path in sorted(SOURCE_DIR.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+_built: bool | None = None  # None until the first `available()`
+
+
+def _build() -> bool:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the `ninja` package's binary sits next to this Python, maybe not on PATH
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    try:
+        cpp_extension.load(name=f"vwn_kernels_{_build_tag()}", sources=[str(s) for s in SOURCES],
+                           is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast",
+                                         "-fopenmp"],
+                           extra_ldflags=["-fopenmp"])
+    except (RuntimeError, OSError) as error:  # no compiler, no ninja, a failed build
+        warnings.warn(f"fused CPU kernels unavailable, using the slower torch code: {error}", stacklevel=3)
+        return False
+    return True
+
+
+def available() -> bool:
+    """Build (or load the cached build of) the extension on the first call; False, with one warning, if that fails."""
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these operands: fp32 CPU tensors, and the extension builds.
+
+    torch.compile cannot trace the build, so while compiling this reads the outcome of an earlier eager call
+    (`LanguageModel.compile` makes one)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return False
+    return bool(_built) if torch.compiler.is_compiling() else available()
