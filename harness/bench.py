@@ -61,7 +61,7 @@ from harness.config import RunConfig, load_run_config
 from harness.grid import load_grid
 from harness.lit import VWNModule
 from harness.memory import release_freed_memory, retain_freed_memory
-from harness.model import accounting, ghc_kernel
+from harness.model import accounting, cpu_kernels
 from harness.model.moe import MixtureOfExperts, SwiGLU, expert_matmul, expert_weight_grad
 from harness.model.transformer import Attention, Block, MultiTokenPredictor, ReduceHead, WideEmbedding
 
@@ -427,7 +427,7 @@ def fused_ghc_flops_per_token(config: RunConfig) -> int:
     """Forward FLOPs per token that the fused GHC kernels compute (no matmul call does them): every GHC of
     the backbone and of the MTP layer, when the kernels are there (the bench runs on CPU in fp32)."""
     c = config.model
-    if c.m == c.n == 1 or not ghc_kernel.available():
+    if c.m == c.n == 1 or not cpu_kernels.available():
         return 0
     return 2 * (c.n_layers + int(c.mtp)) * accounting.ghc_flops_per_token(c.d_model, c.m, c.n, c.dynamic)
 

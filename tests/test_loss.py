@@ -11,15 +11,6 @@ from harness.model import LanguageModel, ModelConfig, cpu_kernels
 from harness.model.loss import _chunk_rows, linear_cross_entropy
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def path(request, monkeypatch):
-    """Run the test on the fused kernel, and again on the torch code (as when the extension cannot build)."""
-    assert cpu_kernels.available(), "the CPU kernels did not build (see the warning)"
-    if request.param == "torch":
-        monkeypatch.setattr(cpu_kernels, "_built", False)
-    return request.param
-
-
 def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(F.linear(hidden, weight).flatten(0, -2), targets.flatten())
 

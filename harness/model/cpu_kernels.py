@@ -1,7 +1,8 @@
 """The fused CPU kernels (fp32) of `csrc/`, built on first use into one extension.
 
 - `csrc/ghc.cpp`: the GHC read and write, forward and backward (ops `vwn_ghc::*`, wrapped by `ghc_kernel`);
-- `csrc/cross_entropy.cpp`: the chunked LM-head cross-entropy with its gradients (`vwn_ce::*`, used by `loss`).
+- `csrc/cross_entropy.cpp`: the chunked LM-head cross-entropy with its gradients (`vwn_ce::*`, used by `loss`);
+- `csrc/rms_norm.cpp`: RMSNorm forward and backward (`vwn_norm::*`, used by `norm`).
 
 The extension is compiled with `-march=native` once per CPU type and source version (both hashed into its
 name, so a shared cache on a cluster of mixed nodes keeps one build per type, and an edited source never
@@ -18,6 +19,7 @@ import platform
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +41,15 @@ def _build_tag() -> str:
 
 
 _built: bool | None = None  # None until the first `available()`
+_fake_registrations: list[Callable[[], None]] = []
+
+
+def on_build(register_fakes: Callable[[], None]) -> None:
+    """Call `register_fakes` (it registers the output shapes of some ops for torch.compile) once the extension
+    is loaded: now, if it is."""
+    _fake_registrations.append(register_fakes)
+    if _built:
+        register_fakes()
 
 
 def _build() -> bool:
@@ -55,6 +66,8 @@ def _build() -> bool:
     except (RuntimeError, OSError) as error:  # no compiler, no ninja, a failed build
         warnings.warn(f"fused CPU kernels unavailable, using the slower torch code: {error}", stacklevel=3)
         return False
+    for register_fakes in _fake_registrations:
+        register_fakes()
     return True
 
 

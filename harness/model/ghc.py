@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from harness.model import ghc_kernel
+from harness.model import cpu_kernels, ghc_kernel
 
 Mixing = tuple[torch.Tensor, torch.Tensor] | ghc_kernel.MixingParameters  # what `read` hands to `write`
 
@@ -128,7 +128,7 @@ class GeneralizedHyperConnection(nn.Module):
         or, if the fused kernels took the read, the parameters they recompute the coefficients from."""
         if self.is_residual:
             return h.flatten(-2), None
-        if ghc_kernel.applies(h):  # fp32 on CPU: read (and then write) as one fused kernel each
+        if cpu_kernels.applies(h):  # fp32 on CPU: read (and then write) as one fused kernel each
             parameters = self.coefficient_parameters()
             return ghc_kernel.fused_read(h, *parameters, self.m, self.eps), parameters
         a, b_t = self.mixing(h).to(h.dtype).split([self.m + self.n, self.m], dim=-1)  # A, Bᵀ

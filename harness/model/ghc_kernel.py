@@ -21,25 +21,6 @@ class MixingParameters(NamedTuple):
     scale: torch.Tensor | None  # S (n, 2m+n); None for a static GHC
 
 
-_fakes_registered = False
-
-
-def available() -> bool:
-    """Whether the GHC ops are there (building the extension on the first call), their shapes known to torch.compile."""
-    global _fakes_registered
-    if not cpu_kernels.available():
-        return False
-    if not _fakes_registered:
-        _register_fake_kernels()
-        _fakes_registered = True
-    return True
-
-
-def applies(h: torch.Tensor) -> bool:
-    """Whether the fused kernels take this state: fp32 on CPU, and the extension builds."""
-    return cpu_kernels.applies(h) and (torch.compiler.is_compiling() or available())
-
-
 def _register_fake_kernels() -> None:
     """Shapes of the ops' outputs, for torch.compile (which traces with fake tensors)."""
 
@@ -63,6 +44,9 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("vwn_ghc::write_backward")
     def _(h, z, static, proj, scale, eps, grad):
         return torch.empty_like(h), torch.empty_like(z), *parameter_gradients(static, proj, scale)
+
+
+cpu_kernels.on_build(_register_fake_kernels)
 
 
 def _parameter_gradients(proj: torch.Tensor | None, grad_static: torch.Tensor, grad_proj: torch.Tensor,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.model import ghc_kernel
+from harness.model import cpu_kernels
 from harness.model.config import ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.loss import linear_cross_entropy
@@ -218,7 +218,7 @@ class LanguageModel(nn.Module):
         Every shape is fixed by the config, MoE included (its expert groups are offsets into one
         sorted batch, not separately shaped tensors), so `dynamic=False` suits it; the chunked losses
         run eager after the compiled graph."""
-        ghc_kernel.available()  # built eagerly: the trace cannot build it, only see whether it is there
+        cpu_kernels.available()  # built eagerly: the trace cannot build them, only see whether they are there
         super().compile(**kwargs)
 
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
