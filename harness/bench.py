@@ -316,7 +316,24 @@ class MatmulRecorder(TorchDispatchMode):
         name = func._schema.name
         if name in MATMULS:
             self.calls[name, tuple(recorded(a) for a in args[: MATMULS[name].arguments])] += 1
+        elif name == "vwn_ce::linear_cross_entropy":  # its GEMMs run inside the C++ op, unseen by dispatch
+            self.calls.update(cross_entropy_matmuls(*args))
         return func(*args, **(kwargs or {}))
+
+
+def cross_entropy_matmuls(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                          with_grads: bool) -> list[MatmulCall]:
+    """The GEMMs the fused cross-entropy op (csrc/cross_entropy.cpp) makes, as dispatch would record them: per
+    chunk of rows h (c, D), the logits h Wᵀ, and with gradients the chunk's G W and the accumulated Gᵀ h."""
+    vocab, width = weight.shape
+    calls = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = min(chunk_rows, hidden.shape[0] - start)
+        calls.append(("aten::mm", ((rows, width), Layout((width, vocab), (1, width)))))
+        if with_grads:
+            calls.append(("aten::mm", ((rows, vocab), (vocab, width))))
+            calls.append(("aten::addmm_", ((vocab, width), Layout((vocab, rows), (1, vocab)), (rows, width))))
+    return calls
 
 
 def matmul_flops(call: MatmulCall) -> int:
