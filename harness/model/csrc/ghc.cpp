@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "thread_rows.h"
 #include "vector_math.h"
 
 namespace {
@@ -198,18 +199,12 @@ class Mixing {
                 float* __restrict ght, const ThreadSums& sums, float* __restrict g_hw, float* __restrict scratch) const;
 
   // Per-thread sums [static (n, wp) | scale (n, wp) | W (d, wp) | Wᵀ (width, d)], zeroed: one row per thread
-  int64_t sums_row() const { return 2 * n * wp + (dynamic ? d * wp + width * d : 0); }
-  std::vector<float> sums() const { return std::vector<float>(at::get_num_threads() * sums_row(), 0.0f); }
+  vwn::ThreadRows sums() const { return vwn::ThreadRows(2 * n * wp + (dynamic ? d * wp + width * d : 0)); }
 
   // The per-thread sums -> gradients of static (n, k), and if dynamic of proj (d, k) and scale (n, k), zero
   // outside this column range (empty tensors if static)
-  std::tuple<Tensor, Tensor, Tensor> gradients(const std::vector<float>& sums, const Tensor& like) const {
-    const int64_t threads = static_cast<int64_t>(sums.size()) / sums_row();
-    auto total = [&](int64_t offset) {  // element `offset` of a row, summed over threads
-      float sum = 0.0f;
-      for (int64_t t = 0; t < threads; ++t) sum += sums[t * sums_row() + offset];
-      return sum;
-    };
+  std::tuple<Tensor, Tensor, Tensor> gradients(const vwn::ThreadRows& sums, const Tensor& like) const {
+    auto total = [&](int64_t offset) { return sums.total(offset); };
     Tensor grad_static = at::zeros({n, k}, like.options());
     Tensor grad_scale = at::zeros({dynamic ? n : 0, k}, like.options());
     Tensor grad_proj = at::zeros({dynamic ? d : 0, k}, like.options());
@@ -239,8 +234,8 @@ class Mixing {
 
 struct ThreadSums {  // this thread's row of Mixing::sums
   float *static_, *scale, *proj, *proj_t;
-  ThreadSums(std::vector<float>& sums, const Mixing& mixing) {
-    static_ = sums.data() + at::get_thread_num() * mixing.sums_row();
+  ThreadSums(vwn::ThreadRows& sums, const Mixing& mixing) {
+    static_ = sums.row();
     scale = static_ + mixing.n * mixing.wp;
     proj = scale + mixing.n * mixing.wp;
     proj_t = proj + mixing.d * mixing.wp;
@@ -330,7 +325,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const 
   check_input(grad_x, "grad_x", 3);
   const Dims s(h, grad_x.size(1));
   const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
-  std::vector<float> sums = mixing.sums();
+  vwn::ThreadRows sums = mixing.sums();
   Tensor grad_h = at::empty_like(h);
   const float* H = h.data_ptr<float>();
   const float* GX = grad_x.data_ptr<float>();
@@ -397,7 +392,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
   check_input(grad, "grad", 3);
   const Dims s(h, z.size(1));
   const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);
-  std::vector<float> sums = mixing.sums();
+  vwn::ThreadRows sums = mixing.sums();
   Tensor grad_h = at::empty_like(h);
   Tensor grad_z = at::empty_like(z);
   const float* H = h.data_ptr<float>();

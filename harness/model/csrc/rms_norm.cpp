@@ -15,8 +15,8 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
-#include <vector>
 
+#include "thread_rows.h"
 #include "vector_math.h"
 
 namespace {
@@ -74,9 +74,9 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& grad, const Tensor& x
   const float* W = weight.data_ptr<float>();
   const float* R = rstd.data_ptr<float>();
   float* GX = grad_x.data_ptr<float>();
-  std::vector<float> weight_sums(at::get_num_threads() * d, 0.0f);  // Σ_rows g ∘ x · rstd, one row per thread
+  vwn::ThreadRows weight_sums(d);  // Σ_rows g ∘ x · rstd, one row per thread
   at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    float* __restrict sums = weight_sums.data() + at::get_thread_num() * d;
+    float* __restrict sums = weight_sums.row();
     for (int64_t row = begin; row < end; ++row) {
       const float* __restrict gr = G + row * d;
       const float* __restrict xr = X + row * d;
@@ -103,11 +103,7 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& grad, const Tensor& x
   });
   Tensor grad_weight = at::empty_like(weight);
   float* GW = grad_weight.data_ptr<float>();
-  for (int64_t c = 0; c < d; ++c) {
-    float total = 0.0f;
-    for (size_t t = 0; t < weight_sums.size() / d; ++t) total += weight_sums[t * d + c];
-    GW[c] = total;
-  }
+  for (int64_t c = 0; c < d; ++c) GW[c] = weight_sums.total(c);
   return {grad_x, grad_weight};
 }
 
