@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from harness.model import LanguageModel, ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection
-from harness.model.moe import MixtureOfExperts, expert_matmul
+from harness.model.moe import MixtureOfExperts, expert_matmul, gated_silu
 from harness.model.transformer import ReduceHead, rotary_tables
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, top_k=2, d_ff=32)
@@ -264,6 +264,25 @@ def test_moe_dispatch_matches_dense_evaluation_of_the_chosen_experts(d_ff):
     load = torch.bincount(top.indices.flatten(), minlength=4).float() / top.indices.numel()
     torch.testing.assert_close(stats.balance_loss, 4 * (load * probs.mean(0)).sum())
     torch.testing.assert_close(stats.z_loss, moe.router(flat).logsumexp(-1).square().mean())
+
+
+@pytest.mark.parametrize("width", [128, 13])  # 13: the kernel's loop past whole vectors
+def test_gated_silu_and_its_gradient_match_float64(width, path):
+    """silu(gate) · up on the fused kernel and on the torch code, against float64: gates from -100 to 100
+    (the sigmoid's both tails), a (2, 3, 2F) batch shape."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, 2 * width) * 4
+    hidden[0, 0, :width] = torch.linspace(-100.0, 100.0, width)
+    hidden.requires_grad_()
+    grad = torch.randn(2, 3, width)
+    out = gated_silu(hidden)
+    (grad_hidden,) = torch.autograd.grad(out, hidden, grad)
+    reference = hidden.detach().double().requires_grad_()
+    gate, up = reference.chunk(2, dim=-1)
+    want = gate * torch.sigmoid(gate) * up
+    (want_grad,) = torch.autograd.grad(want, reference, grad.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_hidden.double(), want_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_aux_free_balancing_nudges_bias_toward_underused_experts():

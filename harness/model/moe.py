@@ -16,9 +16,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.model import cpu_kernels
+
+
+class _GatedSiLU(torch.autograd.Function):
+    """`gated_silu` as one fused CPU op each way (csrc/gated_silu.cpp)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        ctx.save_for_backward(rows)
+        return torch.ops.vwn_ffn.gated_silu_forward(rows).view(*hidden.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (rows,) = ctx.saved_tensors
+        grad_rows = torch.ops.vwn_ffn.gated_silu_backward(grad.reshape(rows.shape[0], -1).contiguous(), rows)
+        return grad_rows.view(*grad.shape[:-1], -1)
+
+
+def _register_fake_kernels() -> None:
+    @torch.library.register_fake("vwn_ffn::gated_silu_forward")
+    def _(hidden):
+        return hidden.new_empty(hidden.shape[0], hidden.shape[1] // 2)
+
+    @torch.library.register_fake("vwn_ffn::gated_silu_backward")
+    def _(grad, hidden):
+        return torch.empty_like(hidden)
+
+
+cpu_kernels.on_build(_register_fake_kernels)
+
 
 def gated_silu(hidden: torch.Tensor) -> torch.Tensor:
     """hidden (..., 2F) holding [gate | up] -> silu(gate) · up (..., F)."""
+    if cpu_kernels.applies(hidden):
+        return _GatedSiLU.apply(hidden)
     gate, up = hidden.chunk(2, dim=-1)
     return F.silu(gate) * up
 

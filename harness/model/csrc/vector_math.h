@@ -48,6 +48,15 @@ __attribute__((always_inline)) inline F exp_nonpositive(F u) {
   return p * std::bit_cast<F>((k + 127) << 23);
 }
 
+// 1 / (1 + exp(-x)), of a float or of eight lanes, from exp of the non-positive -|x| (no overflow either way)
+template <typename F>
+__attribute__((always_inline)) inline F sigmoid(F x) {
+  const F zero{};
+  const F e = exp_nonpositive(x < zero ? x : -x);
+  const F s = 1.0f / (1.0f + e);
+  return x < zero ? e * s : s;
+}
+
 // |error| < 2e-7 against torch.tanh (tested): tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|); below |x| = 0.1,
 // where 1 - e cancels, the odd Taylor series to x⁹ instead.
 __attribute__((always_inline)) inline float tanh_approx(float x) {
