@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.model import cpu_kernels
+from harness.model.routing import combine, dispatch, route
 
 
 class _GatedSiLU(torch.autograd.Function):
@@ -170,37 +171,24 @@ class MixtureOfExperts(nn.Module):
             self.register_buffer("pending_load", torch.zeros(n_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
-        """x (batch, seq, D) -> (batch, seq, D). Tokens are grouped per expert (sort + gather), so each
+        """x (batch, seq, D) -> (batch, seq, D). Assignments are grouped per expert (`routing`), so each
         expert runs only on the tokens routed to it."""
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
+        fused = cpu_kernels.applies(flat)
         logits = self.router(flat).float()  # (N, E)
-        probs = logits.softmax(dim=-1)
-        scores = probs + self.selection_bias if self.aux_free_balancing else probs
-        chosen = scores.topk(self.top_k, dim=-1).indices  # (N, k)
-        gates = probs.gather(1, chosen)
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-
-        expert_of = chosen.flatten()  # (N·k,) expert of each token-slot assignment
-        order = expert_of.argsort(stable=True)
-        token_of = order // self.top_k  # token of each assignment, grouped by expert
-        # tokens per expert, (E,): a static shape, where bincount's depends on the data (torch.compile)
-        counts = torch.zeros_like(probs[0], dtype=torch.long).index_add_(0, expert_of, torch.ones_like(expert_of))
-        # NOTE: index_select rather than flat[token_of]: its backward is one index_add, where advanced
-        # indexing scatters with index_put
-        routed = flat.index_select(0, token_of)
-        ends = counts.cumsum(0).to(torch.int32)
-        expert_out = grouped_matmul(gated_silu(grouped_matmul(routed, self.w_in, ends)), self.w_out, ends)
-        weighted = expert_out * gates.flatten().index_select(0, order)[:, None].to(flat.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token_of, weighted)
+        routing = route(logits, self.selection_bias if self.aux_free_balancing else None, self.top_k, fused)
+        routed = dispatch(flat, routing, fused)
+        hidden = gated_silu(grouped_matmul(routed, self.w_in, routing.ends))
+        out = combine(grouped_matmul(hidden, self.w_out, routing.ends), routing, fused)
         if self.shared is not None:
             out = out + self.shared(flat)[0]
 
-        load = counts.float() / expert_of.numel()  # f_e
+        load = routing.counts.float() / routing.token_of.numel()  # f_e
         if self.aux_free_balancing and self.training:
-            self.pending_load += counts.float()
+            self.pending_load += routing.counts.float()
         stats = RouterStats(
-            balance_loss=self.n_experts * (load * probs.mean(dim=0)).sum(),
-            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
+            balance_loss=self.n_experts * (load * routing.mean_probs).sum(),
+            z_loss=routing.z_loss,
             max_load=load.max().detach() * self.n_experts,
         )
         return out.view_as(x), stats
