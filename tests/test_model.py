@@ -242,7 +242,7 @@ def test_no_decay_covers_norms_tables_and_static_mixing_only():
 
 
 @pytest.mark.parametrize("d_ff", [6, 8])  # expert rows of 24 bytes: a loop over experts; of 32: grouped GEMM
-def test_moe_dispatch_matches_dense_evaluation_of_the_chosen_experts(d_ff):
+def test_moe_dispatch_matches_dense_evaluation_of_the_chosen_experts(d_ff, path):
     torch.manual_seed(0)
     moe = MixtureOfExperts(d_model=8, d_ff=d_ff, n_experts=4, top_k=2, n_shared=1,
                            aux_free_balancing=False, bias_update_rate=0.0)
