@@ -4,7 +4,9 @@
 - `csrc/cross_entropy.cpp`: the chunked LM-head cross-entropy with its gradients (`vwn_ce::*`, used by `loss`);
 - `csrc/rms_norm.cpp`: RMSNorm forward and backward (`vwn_norm::*`, used by `norm`);
 - `csrc/gated_silu.cpp`: the SwiGLU gate silu(gate) ∘ up, forward and backward (`vwn_ffn::*`, used by `moe`);
-- `csrc/moe_routing.cpp`: the MoE's routing, dispatch and combine (`vwn_moe::*`, used by `routing`).
+- `csrc/moe_routing.cpp`: the MoE's routing, dispatch and combine (`vwn_moe::*`, used by `routing`);
+- `csrc/attention.cpp`: rotary + causal attention from the qkv projection, forward and backward (`vwn_attn::*`,
+  used by `transformer.Attention`).
 
 The extension is compiled with `-march=native` once per CPU type and source version (both hashed into its
 name, so a shared cache on a cluster of mixed nodes keeps one build per type, and an edited source never

@@ -45,6 +45,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Rotary + causal attention from the qkv projection (B, T, 3D) to (B, T, D): `csrc/attention.cpp`."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+        qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+        y, lse = torch.ops.vwn_attn.attention_forward(qkv, cos, sin, heads)
+        ctx.save_for_backward(qkv, cos, sin, y, lse)
+        ctx.heads = heads
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        qkv, cos, sin, y, lse = ctx.saved_tensors
+        grad_qkv = torch.ops.vwn_attn.attention_backward(grad.contiguous(), qkv, cos, sin, y, lse, ctx.heads)
+        return grad_qkv, None, None, None
+
+
+def _register_fake_kernels() -> None:
+    @torch.library.register_fake("vwn_attn::attention_forward")
+    def _(qkv, cos, sin, heads):
+        batch, positions, width = qkv.shape
+        return qkv.new_empty(batch, positions, width // 3), qkv.new_empty(batch, heads, positions)
+
+    @torch.library.register_fake("vwn_attn::attention_backward")
+    def _(grad_y, qkv, cos, sin, y, lse, heads):
+        return torch.empty_like(qkv)
+
+
+cpu_kernels.on_build(_register_fake_kernels)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with rotary positions, at width D."""
 
@@ -55,8 +87,12 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D)."""
-        qk, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4).split([2, 1])
+        """x (B, T, D) -> (B, T, D). In fp32 on CPU with heads of a multiple of 8 channels, rotary and attention
+        are one fused op each way (`csrc/attention.cpp`); the torch code below serves everything else."""
+        qkv = self.qkv(x)
+        if qkv.shape[-1] // (3 * self.n_heads) % 8 == 0 and cpu_kernels.applies(qkv):
+            return self.out(_FusedAttention.apply(qkv, *rope, self.n_heads))
+        qk, v = qkv.unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4).split([2, 1])
         q, k = apply_rotary(qk, *rope).unbind()  # one rotation for both, each (B, heads, T, hd)
         v = v.squeeze(0)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
