@@ -73,7 +73,9 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between writes of checkpoints/last.ckpt
     devices: int = 1  # processes (DDP over gloo on CPU)
     precision: Literal["32-true", "bf16-mixed"] = "32-true"
-    compile: bool = False  # torch.compile the model, one graph up to the chunked losses (first step: compilation)
+    # torch.compile the model, one graph up to the chunked losses (first step: compilation); on CPU in fp32 it
+    # measured slower than eager with the fused kernels (README, Performance)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "grad_accum", "log_every", "val_every", "checkpoint_every", "devices"):
