@@ -32,6 +32,7 @@ using at::Tensor;
 using vwn::load8;
 using vwn::store8;
 using vwn::v8;
+using vwn::whole_vectors;
 
 struct Shape {
   int64_t batch, positions, heads, head_width, width;  // B, T, H, hd, D
@@ -61,7 +62,7 @@ struct PairBuffers {
   int64_t positions, padded, head_width;
   std::vector<float> q, k, k_t, v, v_t;
   PairBuffers(int64_t positions, int64_t head_width)
-      : positions(positions), padded((positions + 7) / 8 * 8), head_width(head_width),
+      : positions(positions), padded(whole_vectors(positions)), head_width(head_width),
         q(positions * head_width), k(positions * head_width), k_t(head_width * padded, 0.0f),
         v(positions * head_width), v_t(head_width * padded, 0.0f) {}
 
@@ -189,8 +190,6 @@ inline float exp_row(float* __restrict x, float shift, int64_t valid, int64_t co
   return sum;
 }
 
-inline int64_t whole_vectors(int64_t count) { return (count + 7) / 8 * 8; }
-
 // One (batch, head) pair's forward for query rows [i0, i0 + R): y rows and their logsumexp.
 // scores (R × P) and out (R × hd) are workspace.
 template <int R>
@@ -230,9 +229,10 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, const Tensor& co
       const int64_t b = index / heads, h = index % heads;
       pair.load(QKV, COS, SIN, s, b, h);
       float* y_rows = Y + b * T * s.width + h * hd;
+      float* lse_rows = LSE + index * T;
       int64_t i0 = 0;
-      for (; i0 + 4 <= T; i0 += 4) forward_block<4>(pair, scores.data(), out.data(), i0, y_rows, s.width, LSE + index * T);
-      for (; i0 < T; ++i0) forward_block<1>(pair, scores.data(), out.data(), i0, y_rows, s.width, LSE + index * T);
+      for (; i0 + 4 <= T; i0 += 4) forward_block<4>(pair, scores.data(), out.data(), i0, y_rows, s.width, lse_rows);
+      for (; i0 < T; ++i0) forward_block<1>(pair, scores.data(), out.data(), i0, y_rows, s.width, lse_rows);
     }
   });
   return {y, lse};

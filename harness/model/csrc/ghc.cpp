@@ -36,6 +36,7 @@ using vwn::load8;
 using vwn::store8;
 using vwn::tanh_approx;
 using vwn::v8;
+using vwn::whole_vectors;
 
 constexpr int64_t kGrainTokens = 32;
 
@@ -123,8 +124,6 @@ std::vector<float> padded_columns(const Tensor& t, int64_t q0, int64_t width, in
   for (int64_t r = 0; r < rows; ++r) std::memcpy(&out[r * padded], T + r * k + q0, sizeof(float) * width);
   return out;
 }
-
-inline int64_t whole_vectors(int64_t width) { return (width + 7) / 8 * 8; }
 
 // One token's coefficients of the column range, each slot's row padded to whole vectors: (n, wp) arrays.
 struct TokenCoefficients {

@@ -21,6 +21,9 @@ inline v8 load8(const float* p) {
 
 inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
 
+// count rounded up to whole eight-lane vectors
+inline int64_t whole_vectors(int64_t count) { return (count + 7) / 8 * 8; }
+
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 inline int32_t to_int(float x) { return static_cast<int32_t>(x); }  // truncating, as a conversion
