@@ -9,9 +9,14 @@
 //           X[j] = Σ_i coef[i, j] H[i]                 j < m
 //   write:  H⁺[j] = Σ_i coef[i, m + j] H[i] + Σ_l coef[j, m + n + l] Z[l]
 //
-// Every token's slots, coefficients and gradients fit in L1, so each op is one pass over its tensors;
-// torch's batched GEMMs of (n × d) matrices, their cats and the elementwise passes over the coefficients
-// made the same maths several times slower. Parameter gradients are summed per thread, then reduced.
+// Tokens are taken sixteen at a time, one per vector lane: a tile's slots are transposed into "lane
+// matrices" (every element a vector of the sixteen tokens' values), and all of the maths, the coefficients'
+// reductions over d included, becomes products of lane matrices without a horizontal sum. Nothing of size
+// (T, n, k) is stored: a tile's coefficients are recomputed in cache by the backward. Parameter gradients
+// are summed per thread and per lane, then reduced.
+// NOTE: one token at a time, vectorised along d, the same maths ran 4-8x slower: the reductions over d
+// (rstd, H W, the coefficients' gradients <H_i, G_j>) were short dot products, each ending in a horizontal
+// sum, and with n = 3 the loops over slots left each FMA waiting on the last.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -19,11 +24,13 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "thread_rows.h"
@@ -32,13 +39,10 @@
 namespace {
 
 using at::Tensor;
-using vwn::load8;
-using vwn::store8;
-using vwn::tanh_approx;
-using vwn::v8;
-using vwn::whole_vectors;
+using vwn::v16;
 
-constexpr int64_t kGrainTokens = 32;
+constexpr int64_t kLanes = 16;  // tokens per tile
+constexpr int64_t kGrainTiles = 4;
 
 void check_input(const Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
@@ -51,244 +55,269 @@ struct Dims {
   Dims(const Tensor& h, int64_t m) : tokens(h.size(0)), n(h.size(1)), d(h.size(2)), m(m), k(2 * m + h.size(1)) {}
 };
 
-// out[0:len] += a · x[0:len]
-__attribute__((always_inline)) inline void axpy(float* __restrict out, float a, const float* __restrict x, int64_t len) {
-  int64_t c = 0;
-  for (; c + 8 <= len; c += 8) store8(out + c, load8(out + c) + a * load8(x + c));
-  for (; c < len; ++c) out[c] += a * x[c];
+// ---- tiles: token-major rows <-> lane matrices ----
+
+inline v16 load16(const float* p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
 }
 
-__attribute__((always_inline)) inline float dot(const float* __restrict x, const float* __restrict y, int64_t len) {
-  v8 acc = {};
-  int64_t c = 0;
-  for (; c + 8 <= len; c += 8) acc += load8(x + c) * load8(y + c);
-  float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; c < len; ++c) sum += x[c] * y[c];
-  return sum;
+inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// One stage of the 16 x 16 transpose on rows (x, y) = (i, i + B), i without bit B: the element in column c
+// moves to the other row when bit B of c differs from the row's, which swaps bit B of row and column indices.
+template <int B, std::size_t... C>
+inline void exchange(v16& x, v16& y, std::index_sequence<C...>) {
+  const v16 low = __builtin_shufflevector(x, y, ((C & B) ? 16 + C - B : C)...);
+  const v16 high = __builtin_shufflevector(x, y, ((C & B) ? 16 + C : C + B)...);
+  x = low;
+  y = high;
 }
 
-// out[0:len] (+)= Σ_r a[r] · b[r, 0:len] (row stride ldb): the sum kept in registers when len is a multiple
-// of 8 up to 64 (the row widths here), so b is only read and out written once
-template <int kVectors>
-inline void row_times_matrix_fixed(float* __restrict out, const float* __restrict a, const float* __restrict b,
-                                   int64_t rows, int64_t ldb, bool accumulate) {
-  v8 acc[kVectors];
-  for (int v = 0; v < kVectors; ++v) acc[v] = accumulate ? load8(out + 8 * v) : v8{};
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* br = b + r * ldb;
-    for (int v = 0; v < kVectors; ++v) acc[v] += a[r] * load8(br + 8 * v);
+template <int B>
+inline void exchange_stage(v16* rows) {
+  for (int i = 0; i < 16; ++i)
+    if (!(i & B)) exchange<B>(rows[i], rows[i + B], std::make_index_sequence<16>{});
+}
+
+inline void transpose16(v16* rows) {
+  exchange_stage<8>(rows);
+  exchange_stage<4>(rows);
+  exchange_stage<2>(rows);
+  exchange_stage<1>(rows);
+}
+
+// `count` ≤ 16 tokens' rows (row l at src + l · stride, `width` floats each) -> lanes[f][l] = row l's float f;
+// lanes of missing tokens are zero (a zero state and gradient add nothing to the parameter gradients).
+void to_lanes(const float* src, int64_t stride, int64_t count, int64_t width, v16* lanes) {
+  int64_t f0 = 0;
+  if (count == kLanes) {
+    for (; f0 + 16 <= width; f0 += 16) {
+      v16 rows[16];
+      for (int l = 0; l < 16; ++l) rows[l] = load16(src + l * stride + f0);
+      transpose16(rows);
+      for (int c = 0; c < 16; ++c) lanes[f0 + c] = rows[c];
+    }
   }
-  for (int v = 0; v < kVectors; ++v) store8(out + 8 * v, acc[v]);
-}
-
-inline void row_times_matrix(float* __restrict out, const float* __restrict a, const float* __restrict b,
-                             int64_t rows, int64_t len, int64_t ldb, bool accumulate) {
-  switch (len) {
-    case 8: return row_times_matrix_fixed<1>(out, a, b, rows, ldb, accumulate);
-    case 16: return row_times_matrix_fixed<2>(out, a, b, rows, ldb, accumulate);
-    case 24: return row_times_matrix_fixed<3>(out, a, b, rows, ldb, accumulate);
-    case 32: return row_times_matrix_fixed<4>(out, a, b, rows, ldb, accumulate);
-    case 40: return row_times_matrix_fixed<5>(out, a, b, rows, ldb, accumulate);
-    case 48: return row_times_matrix_fixed<6>(out, a, b, rows, ldb, accumulate);
-    case 56: return row_times_matrix_fixed<7>(out, a, b, rows, ldb, accumulate);
-    case 64: return row_times_matrix_fixed<8>(out, a, b, rows, ldb, accumulate);
-    default:
-      if (len > 64 && len % 8 == 0) {  // blocks of 64 columns
-        const int64_t head = len - (len - 1) % 64 - 1;
-        for (int64_t c = 0; c < head; c += 64) row_times_matrix_fixed<8>(out + c, a, b + c, rows, ldb, accumulate);
-        return row_times_matrix(out + head, a, b + head, rows, len - head, ldb, accumulate);
-      }
-      if (!accumulate) std::fill(out, out + len, 0.0f);
-      for (int64_t r = 0; r < rows; ++r) axpy(out, a[r], b + r * ldb, len);
+  for (int64_t f = f0; f < width; ++f) {
+    v16 v{};
+    for (int64_t l = 0; l < count; ++l) v[l] = src[l * stride + f];
+    lanes[f] = v;
   }
 }
 
-// x[0:len] *= r, len a multiple of 8
-inline void scale_vectors(float* __restrict x, float r, int64_t len) {
-  for (int64_t c = 0; c < len; c += 8) store8(x + c, r * load8(x + c));
+// lanes[f][l] -> float f of the row of token l < count (at dst + l · stride), f < width
+void from_lanes(const v16* lanes, int64_t width, int64_t count, float* dst, int64_t stride) {
+  int64_t f0 = 0;
+  if (count == kLanes) {
+    for (; f0 + 16 <= width; f0 += 16) {
+      v16 rows[16];
+      for (int c = 0; c < 16; ++c) rows[c] = lanes[f0 + c];
+      transpose16(rows);
+      for (int l = 0; l < 16; ++l) store16(dst + l * stride + f0, rows[l]);
+    }
+  }
+  for (int64_t f = f0; f < width; ++f)
+    for (int64_t l = 0; l < count; ++l) dst[l * stride + f] = lanes[f][l];
 }
 
-// out (d) = Σ_i coef[i · stride + column] · rows[i] (rows: n × d): one column of a token's (n, wp)
-// coefficients times its n state rows, the column gathered into `scratch` (n floats) first
-inline void column_times_rows(float* __restrict out, const float* __restrict coef, int64_t stride, int64_t column,
-                              const float* __restrict rows, int64_t n, int64_t d, float* __restrict scratch) {
-  for (int64_t i = 0; i < n; ++i) scratch[i] = coef[i * stride + column];
-  row_times_matrix(out, scratch, rows, n, d, d, false);
+// ---- products of lane matrices ----
+
+// A strided lane matrix: element (a, b) at p[a · row + b · column].
+template <typename V>
+struct Strided {
+  V* p;
+  int64_t row, column;
+  V& operator()(int64_t a, int64_t b) const { return p[a * row + b * column]; }
+};
+using Lanes = Strided<v16>;
+using ConstLanes = Strided<const v16>;
+
+// C[a0 : a0 + RA, b0 : b0 + RB] (+)= Σ_r A(a, r) ∘ B(r, b), lane by lane, the block's sums in registers
+template <int RA, int RB>
+void product_block(Lanes c, ConstLanes a, ConstLanes b, int64_t a0, int64_t b0, int64_t depth, bool accumulate) {
+  v16 sum[RA][RB];
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) sum[i][j] = accumulate ? c(a0 + i, b0 + j) : v16{};
+  for (int64_t r = 0; r < depth; ++r) {
+    v16 left[RA], right[RB];
+    for (int i = 0; i < RA; ++i) left[i] = a(a0 + i, r);
+    for (int j = 0; j < RB; ++j) right[j] = b(r, b0 + j);
+    for (int i = 0; i < RA; ++i)
+      for (int j = 0; j < RB; ++j) sum[i][j] += left[i] * right[j];
+  }
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) c(a0 + i, b0 + j) = sum[i][j];
 }
 
-// contiguous (rows, k) -> columns [q0, q0 + width) of it, each row zero-padded to `padded` columns
-std::vector<float> padded_columns(const Tensor& t, int64_t q0, int64_t width, int64_t padded) {
-  const int64_t rows = t.size(0), k = t.size(1);
-  const float* T = t.data_ptr<float>();
-  std::vector<float> out(rows * padded, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(&out[r * padded], T + r * k + q0, sizeof(float) * width);
-  return out;
+using ProductBlock = void (*)(Lanes, ConstLanes, ConstLanes, int64_t, int64_t, int64_t, bool);
+constexpr int kBlock = 4;  // 4 x 4 sums, 4 + 4 operands: 24 of the 32 AVX-512 registers
+constexpr ProductBlock kProductBlocks[kBlock][kBlock] = {
+    {product_block<1, 1>, product_block<1, 2>, product_block<1, 3>, product_block<1, 4>},
+    {product_block<2, 1>, product_block<2, 2>, product_block<2, 3>, product_block<2, 4>},
+    {product_block<3, 1>, product_block<3, 2>, product_block<3, 3>, product_block<3, 4>},
+    {product_block<4, 1>, product_block<4, 2>, product_block<4, 3>, product_block<4, 4>}};
+
+// C (rows × cols) (+)= A (rows × depth) · B (depth × cols), lane by lane
+void product(Lanes c, ConstLanes a, ConstLanes b, int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
+  for (int64_t a0 = 0; a0 < rows; a0 += kBlock)
+    for (int64_t b0 = 0; b0 < cols; b0 += kBlock)
+      kProductBlocks[std::min<int64_t>(kBlock, rows - a0) - 1][std::min<int64_t>(kBlock, cols - b0) - 1](
+          c, a, b, a0, b0, depth, accumulate);
 }
 
-// One token's coefficients of the column range, each slot's row padded to whole vectors: (n, wp) arrays.
-struct TokenCoefficients {
-  std::vector<float> pre, act, coef, rstd;  // rstd · H W, tanh of it, static + scale ∘ tanh; rstd per slot
-  TokenCoefficients(int64_t n, int64_t wp) : pre(n * wp, 0.0f), act(n * wp, 0.0f), coef(n * wp, 0.0f), rstd(n) {}
+// A row-major (rows × cols) lane matrix, as a product's operand or its transpose, or as its result
+ConstLanes matrix(const v16* p, int64_t cols) { return {p, cols, 1}; }
+ConstLanes transposed(const v16* p, int64_t cols) { return {p, 1, cols}; }
+Lanes result(v16* p, int64_t cols) { return {p, cols, 1}; }
+
+v16 broadcast(float x) { return v16{} + x; }
+
+// ---- the coefficients ----
+
+// A tile's coefficients of the column range (n × width lane matrices), and what their backward needs.
+struct Coefficients {
+  std::vector<v16> rstd, pre, act, coef;  // per slot; rstd · H W, tanh of it, static + scale ∘ tanh
+  Coefficients(int64_t n, int64_t width) : rstd(n), pre(n * width), act(n * width), coef(n * width) {}
 };
 
-struct ThreadSums;
-
-// The coefficients of one column range [q0, q0 + width) of every slot's row [Å[i, :] | Â[i, :] | Bᵀ[i, :]]
-// (read: the m columns of Å; write: the n + m of Â and Bᵀ), computed from the slots' states whenever they are
-// needed. Nothing of size (T, n, k) is ever stored: at (8, 64) such a tensor is ten times the state, and
-// passes over it were memory-bound; keeping a token's coefficients from forward to backward measured slower
-// than recomputing them in cache at every width but (2, 3).
-// NOTE: rows are padded to whole vectors of 8 and the tanh runs over all of a token's slots in one loop: at
-// (2, 3) a row is 2 or 5 columns, and one vector per slot left each tanh's long dependency chain exposed.
+// The coefficients of one column range [q0, q0 + width) of every slot's row [Å[i, :] | Â[i, :] | Bᵀ[i, :]] (read:
+// the m columns of Å; write: the n + m of Â and Bᵀ), computed from a tile's state whenever they are needed.
 class Mixing {
  public:
   Mixing(const Tensor& static_coef, const std::optional<Tensor>& proj, const std::optional<Tensor>& scale,
          int64_t d, double eps, int64_t q0, int64_t width)
       : dynamic(proj.has_value()), n(static_coef.size(0)), d(d), k(static_coef.size(1)), q0(q0), width(width),
-        wp(whole_vectors(width)), eps_(static_cast<float>(eps)) {
+        eps_(static_cast<float>(eps)) {
     check_input(static_coef, "static", 2);
-    static_ = padded_columns(static_coef, q0, width, wp);
+    static_ = columns(static_coef);
     if (!dynamic) return;
     check_input(*proj, "proj", 2);
     check_input(*scale, "scale", 2);
-    scale_ = padded_columns(*scale, q0, width, wp);
-    proj_ = padded_columns(*proj, q0, width, wp);
-    proj_t_.resize(width * d);  // Wᵀ of the range, (width, d)
-    for (int64_t c = 0; c < d; ++c)
-      for (int64_t q = 0; q < width; ++q) proj_t_[q * d + c] = proj_[c * wp + q];
+    scale_ = columns(*scale);
+    proj_ = columns(*proj);
   }
 
-  // The token's state ht (n, d) -> its coefficients c (rows zero beyond width when static).
-  void forward(const float* __restrict ht, TokenCoefficients& c) const {
+  // A tile's state h (n × d lanes) -> its coefficients
+  void forward(const v16* h, Coefficients& c) const {
     if (!dynamic) {
-      std::memcpy(c.coef.data(), static_.data(), sizeof(float) * n * wp);
+      for (int64_t e = 0; e < n * width; ++e) c.coef[e] = static_[e];
       return;
     }
-    const float* W = proj_.data();
-    const float* Wt = proj_t_.data();
     for (int64_t i = 0; i < n; ++i) {
-      const float* hi = ht + i * d;
-      const float r = 1.0f / std::sqrt(dot(hi, hi, d) / d + eps_);
-      float* pre = &c.pre[i * wp];
-      if (width >= 8) {  // hi times the rows of W, whole vectors of columns at a time
-        row_times_matrix(pre, hi, W, d, wp, wp, false);
-        scale_vectors(pre, r, wp);
-      } else {  // few columns: dot products of d floats with the rows of Wᵀ (the padding stays zero)
-        for (int64_t q = 0; q < width; ++q) pre[q] = r * dot(hi, Wt + q * d, d);
-      }
-      c.rstd[i] = r;
+      v16 squares[4] = {};  // four sums in flight: one would wait on the last FMA at every step
+      int64_t ch = 0;
+      for (; ch + 4 <= d; ch += 4)
+        for (int j = 0; j < 4; ++j) squares[j] += h[i * d + ch + j] * h[i * d + ch + j];
+      for (; ch < d; ++ch) squares[0] += h[i * d + ch] * h[i * d + ch];
+      const v16 mean_square = ((squares[0] + squares[1]) + (squares[2] + squares[3])) / static_cast<float>(d) + eps_;
+      for (int l = 0; l < kLanes; ++l) c.rstd[i][l] = 1.0f / std::sqrt(mean_square[l]);
     }
-    const float* S0 = static_.data();
-    const float* SC = scale_.data();
-    float* __restrict pre = c.pre.data();
-    float* __restrict act = c.act.data();
-    float* __restrict coef = c.coef.data();
-#pragma omp simd
-    for (int64_t e = 0; e < n * wp; ++e) {
-      act[e] = tanh_approx(pre[e]);
-      coef[e] = S0[e] + SC[e] * act[e];
-    }
-  }
-
-  // The gradient g (n, wp; zero beyond width) of a token's coefficients c -> adds to the state gradient
-  // ght (n, d) and to this thread's parameter sums. g_hw (n, wp) and scratch (n · wp) are workspace.
-  //   g_pre = g ∘ scale ∘ (1 - tanh²),  g_HW = rstd · g_pre,  g_rstd = Σ_q g_pre ∘ pre / rstd
-  //   g_H = g_HW Wᵀ - g_rstd · rstd³ / d · H,   g_W += Hᵀ g_HW
-  void backward(const float* __restrict ht, const TokenCoefficients& c, const float* __restrict g,
-                float* __restrict ght, const ThreadSums& sums, float* __restrict g_hw, float* __restrict scratch) const;
-
-  // Per-thread sums [static (n, wp) | scale (n, wp) | W (d, wp) | Wᵀ (width, d)], zeroed: one row per thread
-  vwn::ThreadRows sums() const { return vwn::ThreadRows(2 * n * wp + (dynamic ? d * wp + width * d : 0)); }
-
-  // The per-thread sums -> gradients of static (n, k), and if dynamic of proj (d, k) and scale (n, k), zero
-  // outside this column range (empty tensors if static)
-  std::tuple<Tensor, Tensor, Tensor> gradients(const vwn::ThreadRows& sums, const Tensor& like) const {
-    auto total = [&](int64_t offset) { return sums.total(offset); };
-    Tensor grad_static = at::zeros({n, k}, like.options());
-    Tensor grad_scale = at::zeros({dynamic ? n : 0, k}, like.options());
-    Tensor grad_proj = at::zeros({dynamic ? d : 0, k}, like.options());
-    float* GS = grad_static.data_ptr<float>();
-    float* GSC = grad_scale.data_ptr<float>();
-    float* GP = grad_proj.data_ptr<float>();
+    product(result(c.pre.data(), width), matrix(h, d), matrix(proj_.data(), width), n, width, d, false);
     for (int64_t i = 0; i < n; ++i)
       for (int64_t q = 0; q < width; ++q) {
-        GS[i * k + q0 + q] = total(i * wp + q);
-        if (dynamic) GSC[i * k + q0 + q] = total(n * wp + i * wp + q);
+        const int64_t e = i * width + q;
+        c.pre[e] *= c.rstd[i];
+        c.act[e] = vwn::tanh_approx(c.pre[e]);
+        c.coef[e] = static_[e] + scale_[e] * c.act[e];
       }
-    if (dynamic)
-      for (int64_t c = 0; c < d; ++c)
-        for (int64_t q = 0; q < width; ++q)
-          GP[c * k + q0 + q] = total(2 * n * wp + c * wp + q) + total(2 * n * wp + d * wp + q * d + c);
+  }
+
+  // The gradient g (n × width lanes, overwritten) of a tile's coefficients c -> adds to the state's gradient
+  // grad_h (n × d lanes) and to this thread's parameter sums.
+  //   g_pre = g ∘ scale ∘ (1 - tanh²),  g_HW = rstd · g_pre,  g_rstd · rstd³ = rstd² Σ_q g_pre ∘ pre
+  //   g_H = g_HW Wᵀ - g_rstd · rstd³ / d · H,   g_W += Hᵀ g_HW
+  void backward(const v16* h, const Coefficients& c, v16* g, v16* grad_h, v16* sums) const {
+    v16* sum_static = sums;
+    for (int64_t e = 0; e < n * width; ++e) sum_static[e] += g[e];
+    if (!dynamic) return;
+    v16* sum_scale = sums + n * width;
+    v16* sum_proj = sums + 2 * n * width;
+    for (int64_t i = 0; i < n; ++i) {
+      v16 rstd_term{};  // g_rstd · rstd³ / d
+      for (int64_t q = 0; q < width; ++q) {
+        const int64_t e = i * width + q;
+        sum_scale[e] += g[e] * c.act[e];
+        const v16 g_pre = g[e] * scale_[e] * (1.0f - c.act[e] * c.act[e]);
+        rstd_term += g_pre * c.pre[e];
+        g[e] = g_pre * c.rstd[i];  // g_HW from here on
+      }
+      rstd_term *= c.rstd[i] * c.rstd[i] / static_cast<float>(d);
+      for (int64_t ch = 0; ch < d; ++ch) grad_h[i * d + ch] -= rstd_term * h[i * d + ch];
+    }
+    product(result(grad_h, d), matrix(g, width), transposed(proj_.data(), width), n, d, width, true);
+    product(result(sum_proj, width), transposed(h, d), matrix(g, width), d, width, n, true);
+  }
+
+  // Lanes of this thread's parameter sums: [static (n × width) | scale (n × width) | W (d × width)]
+  int64_t sum_lanes() const { return dynamic ? (2 * n + d) * width : n * width; }
+
+  // The per-thread sums -> gradients of static (n, k), and if dynamic of proj (d, k) and scale (n, k), zero outside
+  // this column range (empty tensors if static)
+  std::tuple<Tensor, Tensor, Tensor> gradients(const vwn::ThreadRows& sums, const Tensor& like) const {
+    auto total = [&](int64_t lanes_offset) {
+      float sum = 0.0f;
+      for (int l = 0; l < kLanes; ++l) sum += sums.total(lanes_offset * kLanes + l);
+      return sum;
+    };
+    auto fill = [&](Tensor t, int64_t rows, int64_t offset) {
+      float* out = t.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t q = 0; q < width; ++q) out[r * k + q0 + q] = total(offset + r * width + q);
+      return t;
+    };
+    Tensor grad_static = fill(at::zeros({n, k}, like.options()), n, 0);
     if (!dynamic) return {grad_static, at::empty({0}, like.options()), at::empty({0}, like.options())};
+    Tensor grad_scale = fill(at::zeros({n, k}, like.options()), n, n * width);
+    Tensor grad_proj = fill(at::zeros({d, k}, like.options()), d, 2 * n * width);
     return {grad_static, grad_proj, grad_scale};
   }
 
   const bool dynamic;
-  const int64_t n, d, k, q0, width, wp;
+  const int64_t n, d, k, q0, width;
 
  private:
+  // contiguous (rows, k) -> its columns [q0, q0 + width) as broadcast lanes, (rows × width)
+  std::vector<v16> columns(const Tensor& t) const {
+    const int64_t rows = t.size(0);
+    const float* T = t.data_ptr<float>();
+    std::vector<v16> out(rows * width);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t q = 0; q < width; ++q) out[r * width + q] = broadcast(T[r * k + q0 + q]);
+    return out;
+  }
+
   const float eps_;
-  std::vector<float> static_, scale_, proj_, proj_t_;  // the range's columns, rows padded to wp (Wᵀ: width x d)
+  std::vector<v16> static_, scale_, proj_;
 };
 
-struct ThreadSums {  // this thread's row of Mixing::sums
-  float *static_, *scale, *proj, *proj_t;
-  ThreadSums(vwn::ThreadRows& sums, const Mixing& mixing) {
-    static_ = sums.row();
-    scale = static_ + mixing.n * mixing.wp;
-    proj = scale + mixing.n * mixing.wp;
-    proj_t = proj + mixing.d * mixing.wp;
+// A thread's buffers for its tiles: the coefficients, and lane matrices of the given sizes.
+struct TileWork {
+  Coefficients coefficients;
+  std::vector<std::vector<v16>> buffers;
+  TileWork(const Mixing& mixing, std::initializer_list<int64_t> sizes) : coefficients(mixing.n, mixing.width) {
+    for (const int64_t size : sizes) buffers.emplace_back(size);
   }
+  v16* operator[](std::size_t i) { return buffers[i].data(); }
 };
 
-void Mixing::backward(const float* __restrict ht, const TokenCoefficients& c, const float* __restrict g,
-                      float* __restrict ght, const ThreadSums& sums, float* __restrict g_hw,
-                      float* __restrict scratch) const {
-  axpy(sums.static_, 1.0f, g, n * wp);
-  if (!dynamic) return;
-  const float* SC = scale_.data();
-  const float* Wt = proj_t_.data();
-  const float* __restrict pre = c.pre.data();
-  const float* __restrict act = c.act.data();
-  float* __restrict sum_scale = sums.scale;
-  float* __restrict g_pre_pre = scratch;  // g_pre ∘ pre, summed per slot below
-#pragma omp simd
-  for (int64_t e = 0; e < n * wp; ++e) {
-    sum_scale[e] += g[e] * act[e];
-    const float g_pre = g[e] * SC[e] * (1.0f - act[e] * act[e]);
-    g_pre_pre[e] = g_pre * pre[e];
-    g_hw[e] = g_pre;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const float r = c.rstd[i];
-    const float* hi = ht + i * d;
-    float* g_hw_i = g_hw + i * wp;
-    float g_rstd_r = 0.0f;  // g_rstd · rstd
-    for (int64_t q = 0; q < wp; ++q) g_rstd_r += g_pre_pre[i * wp + q];
-    scale_vectors(g_hw_i, r, wp);
-    row_times_matrix(ght + i * d, g_hw_i, Wt, width, d, d, true);
-    axpy(ght + i * d, -g_rstd_r * r * r / d, hi, d);  // g_rstd · rstd³ / d
-    if (width < 8)  // W's gradient as rank-1 updates of Wᵀ's rows, along d
-      for (int64_t q = 0; q < width; ++q) axpy(sums.proj_t + q * d, g_hw_i[q], hi, d);
-  }
-  if (width < 8) return;
-  // W's gradient Hᵀ g_HW, row c of W from column c of H: reads g_HW rather than writing W's sums n times
-  float* column = scratch;
-  for (int64_t ch = 0; ch < d; ++ch) {
-    for (int64_t i = 0; i < n; ++i) column[i] = ht[i * d + ch];
-    row_times_matrix(sums.proj + ch * wp, column, g_hw, n, wp, wp, true);
-  }
+// The tiles of an op's tokens over the threads: body(work, first token, token count) for each tile, `work` a
+// TileWork of the given lane-matrix sizes per thread.
+template <typename Body>
+void for_each_tile(int64_t tokens, const Mixing& mixing, std::initializer_list<int64_t> sizes, const Body& body) {
+  const int64_t tiles = (tokens + kLanes - 1) / kLanes;
+  at::parallel_for(0, tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
+    TileWork work(mixing, sizes);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * kLanes;
+      body(work, t0, std::min(kLanes, tokens - t0));
+    }
+  });
 }
 
-// Per-thread workspace of an op: a token's coefficients, their gradient (zero beyond each row's width) and
-// scratch for Mixing::backward.
-struct Workspace {
-  TokenCoefficients coefficients;
-  std::vector<float> grad, g_hw, scratch, column;
-  explicit Workspace(const Mixing& mixing)
-      : coefficients(mixing.n, mixing.wp), grad(mixing.n * mixing.wp, 0.0f), g_hw(mixing.n * mixing.wp, 0.0f),
-        scratch(mixing.n * mixing.wp), column(mixing.n) {}
-};
+vwn::ThreadRows parameter_sums(const Mixing& mixing) { return vwn::ThreadRows(mixing.sum_lanes() * kLanes); }
+v16* thread_sums(vwn::ThreadRows& sums) { return reinterpret_cast<v16*>(sums.row()); }
 
 // h (T, n, d) -> x (T, m, d), X[j] = Σ_i Å[i, j] H[i]
 Tensor read_forward(const Tensor& h, const Tensor& static_coef, const std::optional<Tensor>& proj,
@@ -299,17 +328,14 @@ Tensor read_forward(const Tensor& h, const Tensor& static_coef, const std::optio
   Tensor x = at::empty({s.tokens, s.m, s.d}, h.options());
   const float* H = h.data_ptr<float>();
   float* X = x.data_ptr<float>();
-  at::parallel_for(0, s.tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int64_t n = s.n, d = s.d, m = s.m, wp = mixing.wp;  // locals: loop bounds the compiler can vectorise on
-    Workspace work(mixing);
-    const float* coef = work.coefficients.coef.data();
-    for (int64_t t = begin; t < end; ++t) {
-      const float* ht = H + t * n * d;
-      float* xt = X + t * m * d;
-      mixing.forward(ht, work.coefficients);
-      for (int64_t j = 0; j < m; ++j)  // X[j] = Σ_i Å[i, j] H[i]
-        column_times_rows(xt + j * d, coef, wp, j, ht, n, d, work.column.data());
-    }
+  const int64_t n = s.n, d = s.d, m = s.m;
+  for_each_tile(s.tokens, mixing, {n * d, m * d}, [&](TileWork& work, int64_t t0, int64_t count) {
+    v16 *ht = work[0], *xt = work[1];
+    const v16* coef = work.coefficients.coef.data();
+    to_lanes(H + t0 * n * d, n * d, count, n * d, ht);
+    mixing.forward(ht, work.coefficients);
+    product(result(xt, d), transposed(coef, m), matrix(ht, d), m, d, n, false);  // X[j] = Σ_i Å[i, j] H[i]
+    from_lanes(xt, m * d, count, X + t0 * m * d, m * d);
   });
   return x;
 }
@@ -324,28 +350,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const 
   check_input(grad_x, "grad_x", 3);
   const Dims s(h, grad_x.size(1));
   const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
-  vwn::ThreadRows sums = mixing.sums();
+  vwn::ThreadRows sums = parameter_sums(mixing);
   Tensor grad_h = at::empty_like(h);
   const float* H = h.data_ptr<float>();
   const float* GX = grad_x.data_ptr<float>();
   float* GH = grad_h.data_ptr<float>();
-  at::parallel_for(0, s.tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int64_t n = s.n, d = s.d, m = s.m, wp = mixing.wp;  // locals: loop bounds the compiler can vectorise on
-    const ThreadSums thread_sums(sums, mixing);
-    Workspace work(mixing);
-    const float* coef = work.coefficients.coef.data();
-    for (int64_t t = begin; t < end; ++t) {
-      const float* ht = H + t * n * d;
-      const float* gxt = GX + t * m * d;
-      float* ght = GH + t * n * d;
-      mixing.forward(ht, work.coefficients);
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t j = 0; j < m; ++j) work.grad[i * wp + j] = dot(ht + i * d, gxt + j * d, d);
-        row_times_matrix(ght + i * d, coef + i * wp, gxt, m, d, d, false);
-      }
-      mixing.backward(ht, work.coefficients, work.grad.data(), ght, thread_sums, work.g_hw.data(),
-                      work.scratch.data());
-    }
+  const int64_t n = s.n, d = s.d, m = s.m;
+  for_each_tile(s.tokens, mixing, {n * d, m * d, n * d, n * m}, [&](TileWork& work, int64_t t0, int64_t count) {
+    v16 *ht = work[0], *gxt = work[1], *ght = work[2], *g_coef = work[3];
+    const v16* coef = work.coefficients.coef.data();
+    to_lanes(H + t0 * n * d, n * d, count, n * d, ht);
+    to_lanes(GX + t0 * m * d, m * d, count, m * d, gxt);
+    mixing.forward(ht, work.coefficients);
+    product(result(g_coef, m), matrix(ht, d), transposed(gxt, d), n, m, d, false);  // <H[i], G_X[j]>
+    product(result(ght, d), matrix(coef, m), matrix(gxt, d), n, d, m, false);      // Σ_j Å[i, j] G_X[j]
+    mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums(sums));
+    from_lanes(ght, n * d, count, GH + t0 * n * d, n * d);
   });
   auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums, h);
   return {grad_h, grad_static, grad_proj, grad_scale};
@@ -362,20 +382,16 @@ Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& static_coef
   const float* H = h.data_ptr<float>();
   const float* Z = z.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  at::parallel_for(0, s.tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int64_t n = s.n, d = s.d, m = s.m, wp = mixing.wp;  // locals: loop bounds the compiler can vectorise on
-    Workspace work(mixing);
-    const float* coef = work.coefficients.coef.data();
-    for (int64_t t = begin; t < end; ++t) {
-      const float* ht = H + t * n * d;
-      const float* zt = Z + t * m * d;
-      float* ot = O + t * n * d;
-      mixing.forward(ht, work.coefficients);
-      for (int64_t j = 0; j < n; ++j) {
-        column_times_rows(ot + j * d, coef, wp, j, ht, n, d, work.column.data());  // Σ_i Â[i, j] H[i]
-        row_times_matrix(ot + j * d, coef + j * wp + n, zt, m, d, d, true);
-      }
-    }
+  const int64_t n = s.n, d = s.d, m = s.m, width = n + m;
+  for_each_tile(s.tokens, mixing, {n * d, m * d, n * d}, [&](TileWork& work, int64_t t0, int64_t count) {
+    v16 *ht = work[0], *zt = work[1], *ot = work[2];
+    const v16* coef = work.coefficients.coef.data();
+    to_lanes(H + t0 * n * d, n * d, count, n * d, ht);
+    to_lanes(Z + t0 * m * d, m * d, count, m * d, zt);
+    mixing.forward(ht, work.coefficients);
+    product(result(ot, d), transposed(coef, width), matrix(ht, d), n, d, n, false);  // Σ_i Â[i, j] H[i]
+    product(result(ot, d), matrix(coef + n, width), matrix(zt, d), n, d, m, true);   // + Σ_l Bᵀ[j, l] Z[l]
+    from_lanes(ot, n * d, count, O + t0 * n * d, n * d);
   });
   return out;
 }
@@ -391,7 +407,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
   check_input(grad, "grad", 3);
   const Dims s(h, z.size(1));
   const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);
-  vwn::ThreadRows sums = mixing.sums();
+  vwn::ThreadRows sums = parameter_sums(mixing);
   Tensor grad_h = at::empty_like(h);
   Tensor grad_z = at::empty_like(z);
   const float* H = h.data_ptr<float>();
@@ -399,38 +415,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
   const float* G = grad.data_ptr<float>();
   float* GH = grad_h.data_ptr<float>();
   float* GZ = grad_z.data_ptr<float>();
-  // NOTE: with many slots the n x n products <H_i, G_j> are short dot products (d = 8 floats at (8, 64));
-  // as H Gᵀ with G transposed per token they become rows of n instead
-  const bool transpose = s.n >= 8;
-  at::parallel_for(0, s.tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
-    const int64_t n = s.n, d = s.d, m = s.m, wp = mixing.wp;  // locals: loop bounds the compiler can vectorise on
-    const ThreadSums thread_sums(sums, mixing);
-    Workspace work(mixing);
-    const float* coef = work.coefficients.coef.data();
-    float* g_coef = work.grad.data();
-    std::vector<float> grad_t(transpose ? d * n : 0), carry_grad(transpose ? n * n : 0);
-    for (int64_t t = begin; t < end; ++t) {
-      const float* ht = H + t * n * d;
-      const float* zt = Z + t * m * d;
-      const float* gt = G + t * n * d;
-      float* ght = GH + t * n * d;
-      float* gzt = GZ + t * m * d;
-      mixing.forward(ht, work.coefficients);
-      if (transpose) {
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t c = 0; c < d; ++c) grad_t[c * n + j] = gt[j * d + c];
-        for (int64_t i = 0; i < n; ++i) row_times_matrix(&carry_grad[i * n], ht + i * d, grad_t.data(), d, n, n, false);
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        row_times_matrix(ght + i * d, coef + i * wp, gt, n, d, d, false);  // Σ_j Â[i, j] G[j]
-        for (int64_t j = 0; j < n; ++j)
-          g_coef[i * wp + j] = transpose ? carry_grad[i * n + j] : dot(ht + i * d, gt + j * d, d);
-        for (int64_t l = 0; l < m; ++l) g_coef[i * wp + n + l] = dot(gt + i * d, zt + l * d, d);
-      }
-      for (int64_t l = 0; l < m; ++l)  // G_Z[l] = Σ_i Bᵀ[i, l] G[i]
-        column_times_rows(gzt + l * d, coef, wp, n + l, gt, n, d, work.column.data());
-      mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums, work.g_hw.data(), work.scratch.data());
-    }
+  const int64_t n = s.n, d = s.d, m = s.m, width = n + m;
+  for_each_tile(s.tokens, mixing, {n * d, m * d, n * d, n * d, m * d, n * width},
+                [&](TileWork& work, int64_t t0, int64_t count) {
+    v16 *ht = work[0], *zt = work[1], *gt = work[2], *ght = work[3], *gzt = work[4], *g_coef = work[5];
+    const v16* coef = work.coefficients.coef.data();
+    to_lanes(H + t0 * n * d, n * d, count, n * d, ht);
+    to_lanes(Z + t0 * m * d, m * d, count, m * d, zt);
+    to_lanes(G + t0 * n * d, n * d, count, n * d, gt);
+    mixing.forward(ht, work.coefficients);
+    product(result(g_coef, width), matrix(ht, d), transposed(gt, d), n, n, d, false);      // <H[i], G[j]>
+    product(result(g_coef + n, width), matrix(gt, d), transposed(zt, d), n, m, d, false);  // <G[j], Z[l]>
+    product(result(ght, d), matrix(coef, width), matrix(gt, d), n, d, n, false);           // Σ_j Â[i, j] G[j]
+    product(result(gzt, d), transposed(coef + n, width), matrix(gt, d), m, d, n, false);   // Σ_j Bᵀ[j, l] G[j]
+    mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums(sums));
+    from_lanes(ght, n * d, count, GH + t0 * n * d, n * d);
+    from_lanes(gzt, m * d, count, GZ + t0 * m * d, m * d);
   });
   auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums, h);
   return {grad_h, grad_z, grad_static, grad_proj, grad_scale};

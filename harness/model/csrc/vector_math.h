@@ -24,12 +24,18 @@ inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
 // count rounded up to whole eight-lane vectors
 inline int64_t whole_vectors(int64_t count) { return (count + 7) / 8 * 8; }
 
+// Sixteen lanes (one AVX-512 register, two AVX ones): the GHC kernels put one token in each lane.
+typedef float v16 __attribute__((vector_size(64)));
+
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 inline int32_t to_int(float x) { return static_cast<int32_t>(x); }  // truncating, as a conversion
 inline v8i to_int(v8 x) { return __builtin_convertvector(x, v8i); }
+inline v16i to_int(v16 x) { return __builtin_convertvector(x, v16i); }
 inline float to_float(int32_t x) { return static_cast<float>(x); }
 inline v8 to_float(v8i x) { return __builtin_convertvector(x, v8); }
+inline v16 to_float(v16i x) { return __builtin_convertvector(x, v16); }
 
 // exp(u) for u ≤ 0, of a float or of eight lanes; relative error < 1e-7 down to u = -86 (below, the value of
 // exp(-86) ≈ 4e-38, kept above fp32's subnormals, whose arithmetic is slow): exp(u) = 2^k · exp(r) by range
@@ -60,17 +66,19 @@ __attribute__((always_inline)) inline F sigmoid(F x) {
   return x < zero ? e * s : s;
 }
 
-// |error| < 2e-7 against torch.tanh (tested): tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|); below |x| = 0.1,
-// where 1 - e cancels, the odd Taylor series to x⁹ instead.
-__attribute__((always_inline)) inline float tanh_approx(float x) {
-  float a = std::fabs(x);
-  a = a < 9.0f ? a : 9.0f;  // tanh(9) rounds to 1 in fp32
-  const float e = exp_nonpositive(-2.0f * a);
-  const float large = (1.0f - e) / (1.0f + e);
-  const float a2 = a * a;
-  const float small = a * (1.0f + a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f + a2 * (-17.0f / 315.0f + a2 * (62.0f / 2835.0f)))));
-  const float magnitude = a < 0.1f ? small : large;
-  return x < 0.0f ? -magnitude : magnitude;
+// |error| < 2e-7 against torch.tanh (tested), of a float or of lanes: tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|);
+// below |x| = 0.1, where 1 - e cancels, the odd Taylor series to x⁹ instead.
+template <typename F>
+__attribute__((always_inline)) inline F tanh_approx(F x) {
+  const F zero{};
+  F a = x < zero ? -x : x;
+  a = a < zero + 9.0f ? a : zero + 9.0f;  // tanh(9) rounds to 1 in fp32
+  const F e = exp_nonpositive(-2.0f * a);
+  const F large = (1.0f - e) / (1.0f + e);
+  const F a2 = a * a;
+  const F small = a * (1.0f + a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f + a2 * (-17.0f / 315.0f + a2 * (62.0f / 2835.0f)))));
+  const F magnitude = a < zero + 0.1f ? small : large;
+  return x < zero ? -magnitude : magnitude;
 }
 
 }  // namespace vwn
