@@ -20,7 +20,8 @@ For each config and virtual width (m, n) it times the training step exactly as `
     peak_mem_bytes       parameters + optimizer state + the step's peak of live tensors
     breakdown            where the step's time goes, from one profiled step, in ms of the median
                          step: attention and moe (each with its pre-norm), ghc (the rest of each block:
-                         GHC read/write, or the residual add at r = 1), embed_head (embedding, reduce
+                         GHC read/write, or the residual add at r = 1; and the state's conversions to and
+                         from the kernels' lane tiles), embed_head (embedding, reduce
                          head, LM head calls, losses), mtp (the MTP module, its LM head call
                          excepted), optimizer (clipping, AdamW, schedule), other (unattributed)
 
@@ -69,6 +70,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.y
 WIDTH_FACTORS = (1.0, 1.5, 2.0, 4.0, 8.0)
 COMPONENTS = ("attention", "moe", "ghc", "embed_head", "mtp", "optimizer", "other")
 BACKWARD_NODE = "autograd::engine::evaluate_function"
+TILE_CONVERSIONS = ("_ToTiles", "_FromTiles")  # ghc_kernel's autograd functions, as the profiler names them
 
 # training_step logs through self.log, which has nothing to log to outside a Trainer
 warnings.filterwarnings("ignore", message=".*`self.trainer` reference is not registered.*")
@@ -208,9 +210,14 @@ def ancestry(event) -> list[str]:
 
 
 def label_of(names: list[str]) -> str:
-    """Component of a forward event: mtp if inside the MTP module, else its innermost labelled range."""
+    """Component of a forward event: mtp if inside the MTP module, ghc if inside a conversion of the state to or
+    from lane tiles (made between the blocks), else its innermost labelled range."""
     labels = [name for name in names if name in COMPONENTS]
-    return "mtp" if "mtp" in labels else (labels[0] if labels else "other")
+    if "mtp" in labels:
+        return "mtp"
+    if any(name in TILE_CONVERSIONS for name in names):
+        return "ghc"
+    return labels[0] if labels else "other"
 
 
 def breakdown_fractions(events) -> dict[str, float]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.model import cpu_kernels, ghc_kernel
-from harness.model.ghc import GeneralizedHyperConnection
+from harness.model.ghc import GeneralizedHyperConnection, tile_state, untile_state
 
 D_MODEL = 64
 
@@ -34,8 +34,9 @@ def read_write_with_gradients(connection: GeneralizedHyperConnection, h: torch.T
 
     The sublayer stand-in z ∘ x makes the read's output x part of the loss."""
     h, z = h.clone().requires_grad_(), z.clone().requires_grad_()
-    x, mix = connection.read(h)
-    new = connection.write(h, z * x, mix)
+    state = tile_state(h)  # lane tiles for the fused kernels in fp32; h itself in float64
+    x, mix = connection.read(state)
+    new = untile_state(connection.write(state, z * x, mix))
     weights = torch.linspace(-1.0, 1.0, new.numel(), dtype=new.dtype).view_as(new)
     (new * weights).sum().backward()
     grads = [h.grad, z.grad] + [p.grad for p in connection.parameters()]
@@ -48,10 +49,10 @@ def test_fused_kernels_match_the_reference_path_in_float64(m, n, dynamic, proj_s
     connection = perturbed_connection(m, n, dynamic, proj_std)
     h = torch.randn(3, 50, n, D_MODEL // m)
     z = torch.randn(3, 50, D_MODEL)
-    assert isinstance(connection.read(h)[1], ghc_kernel.MixingParameters)  # fp32 on CPU: the fused kernels
+    assert isinstance(connection.read(tile_state(h))[1], ghc_kernel.MixingParameters)  # fp32 on CPU: the kernels
     fused = read_write_with_gradients(connection, h, z)
     reference_connection = copy.deepcopy(connection).double()
-    assert not isinstance(reference_connection.read(h.double())[1], ghc_kernel.MixingParameters)  # float64: torch
+    assert not isinstance(reference_connection.read(tile_state(h.double()))[1], ghc_kernel.MixingParameters)
     reference = read_write_with_gradients(reference_connection, h.double(), z.double())
     names = ["new state", "grad h", "grad z"] + [name for name, _ in connection.named_parameters()]
     assert len(fused) == len(reference) == len(names)
@@ -60,10 +61,25 @@ def test_fused_kernels_match_the_reference_path_in_float64(m, n, dynamic, proj_s
         assert error < 2e-5, f"{name}: relative error {error:.2e}"
 
 
+def test_lane_tiles_hold_token_16t_plus_l_in_lane_l_of_tile_t():
+    h = torch.randn(3, 50, 4, 32, requires_grad=True)  # 150 tokens: 9 full tiles and 6 tokens in the tenth
+    tiles = tile_state(h)
+    assert isinstance(tiles, ghc_kernel.LaneTiles) and tiles.data.shape == (10, 4, 32, 16)
+    tokens = h.detach().flatten(0, 1)
+    for t, lane in [(0, 0), (3, 7), (9, 5)]:
+        torch.testing.assert_close(tiles.data[t, ..., lane], tokens[16 * t + lane], rtol=0, atol=0)
+    assert tiles.data[9, ..., 6:].abs().max() == 0  # past the last token
+    back = untile_state(tiles)
+    torch.testing.assert_close(back, h, rtol=0, atol=0)
+    weights = torch.randn_like(h)
+    (back * weights).sum().backward()
+    torch.testing.assert_close(h.grad, weights, rtol=0, atol=0)
+
+
 def test_fused_kernels_follow_a_non_contiguous_state():
     connection = perturbed_connection(2, 4, True, 0.3)
     h = torch.randn(50, 3, 4, 32).transpose(0, 1)  # (3, 50, 4, 32), not contiguous
-    x, mix = connection.read(h)
+    x, mix = connection.read(tile_state(h))
     assert isinstance(mix, ghc_kernel.MixingParameters)
     reference = copy.deepcopy(connection).double()
     want, _ = reference.read(h.double())
@@ -71,15 +87,20 @@ def test_fused_kernels_follow_a_non_contiguous_state():
 
 
 def test_the_ops_reject_operands_they_cannot_take():
-    h = torch.randn(8, 3, 32, dtype=torch.float64)
     static = torch.randn(3, 7)
-    with pytest.raises(RuntimeError, match="h must be a contiguous float32 CPU tensor"):
-        torch.ops.vwn_ghc.read_forward(h, static, None, None, 2, 1e-6)
+    with pytest.raises(RuntimeError, match="h must be a contiguous float32 CPU tensor of 4 dims"):
+        torch.ops.vwn_ghc.read_forward(torch.randn(1, 3, 32, 16, dtype=torch.float64), static, None, None, 2, 8, 1e-6)
+    with pytest.raises(RuntimeError, match=r"h must be lane tiles \(tiles, n, d, 16\)"):
+        torch.ops.vwn_ghc.read_forward(torch.randn(1, 3, 32, 8), static, None, None, 2, 8, 1e-6)
+    with pytest.raises(RuntimeError, match="40 tokens of 2 x 32 for 1 tiles"):
+        torch.ops.vwn_ghc.read_forward(torch.randn(1, 3, 32, 16), static, None, None, 2, 40, 1e-6)
 
 
 def test_other_dtypes_take_the_reference_path():
     connection = perturbed_connection(2, 3, True, 0.3)
-    _, mix = connection.read(torch.randn(2, 5, 3, 32, dtype=torch.bfloat16))
+    h = torch.randn(2, 5, 3, 32, dtype=torch.bfloat16)
+    assert tile_state(h) is h
+    _, mix = connection.read(h)
     carry, b_t = mix  # the torch path's carry and Bᵀ
     assert carry.shape == (2, 5, 3, 32) and b_t.shape == (2, 5, 3, 2)
 
@@ -93,7 +114,8 @@ def test_the_kernels_tanh_is_accurate_to_fp32_rounding():
     proj = torch.zeros(2, 3, dtype=torch.float64)
     proj[1, 0] = limit
     static, scale = torch.zeros(1, 3), torch.ones(1, 3)
-    x = torch.ops.vwn_ghc.read_forward(h.float(), static, proj.float(), scale, 1, 0.0)[:, 0, 0].double()
+    tiles = torch.ops.vwn_ghc.to_tiles(h.float())
+    x = torch.ops.vwn_ghc.read_forward(tiles, static, proj.float(), scale, 1, len(b), 0.0)[:, 0, 0].double()
     argument = limit * b * torch.sqrt(2.0 / (1.0 + b.square()))
     want = torch.tanh(argument)
     assert argument.abs().max() > 9.0  # saturation

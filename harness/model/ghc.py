@@ -19,8 +19,10 @@ single slot there is nothing to mix, so the baseline is this module's degenerate
 separate model.
 
 On CPU in fp32, read and write run as fused C++ kernels (`ghc_kernel`: sixteen tokens at a time, one
-per vector lane, each tile's coefficients recomputed in cache instead of stored); the torch code below
-serves every other dtype and device, and is the tests' reference for the kernels.
+per vector lane, each tile's coefficients recomputed in cache instead of stored). They take the state in
+lane tiles, which `tile_state` makes at the start of a stack of blocks and `untile_state` undoes at its
+end; given a plain tensor, read and write run the torch code below, which serves every other dtype and
+device and is the tests' reference for the kernels.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ from torch import nn
 from harness.model import cpu_kernels, ghc_kernel
 
 Mixing = tuple[torch.Tensor, torch.Tensor] | ghc_kernel.MixingParameters  # what `read` hands to `write`
+State = torch.Tensor | ghc_kernel.LaneTiles  # the state between sublayers: (B, T, n, d_b), or its lane tiles
+
+
+def tile_state(h: torch.Tensor) -> State:
+    """h (B, T, n, d_b) in the layout the GHCs will take it in: lane tiles if the fused kernels apply (fp32 on CPU,
+    more than one slot), so that no GHC op transposes it; h itself otherwise."""
+    if h.shape[-2] > 1 and cpu_kernels.applies(h):
+        return ghc_kernel.to_tiles(h)
+    return h
+
+
+def untile_state(state: State) -> torch.Tensor:
+    """The state as (B, T, n, d_b), whichever layout it is in."""
+    return ghc_kernel.from_tiles(state) if isinstance(state, ghc_kernel.LaneTiles) else state
 
 
 def initial_mixing(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,26 +138,27 @@ class GeneralizedHyperConnection(nn.Module):
             h = h.to(torch.promote_types(h.dtype, torch.float32))
             return _DynamicMixing.apply(h, proj, scale, static, self.eps)
 
-    def read(self, h: torch.Tensor) -> tuple[torch.Tensor, Mixing | None]:
-        """h (batch, seq, n, d_b) -> sublayer input x (batch, seq, D), and what `write` needs: the carry and Bᵀ,
-        or, if the fused kernels took the read, the parameters they recompute the coefficients from."""
-        if self.is_residual:
-            return h.flatten(-2), None
-        if cpu_kernels.applies(h):  # fp32 on CPU: read (and then write) as one fused kernel each
+    def read(self, h: State) -> tuple[torch.Tensor, Mixing | None]:
+        """h (batch, seq, n, d_b) or its lane tiles -> sublayer input x (batch, seq, D), and what `write` needs: the
+        carry and Bᵀ, or, for lane tiles (the fused kernels), the parameters they recompute the coefficients from."""
+        if isinstance(h, ghc_kernel.LaneTiles):
             parameters = self.coefficient_parameters()
             return ghc_kernel.fused_read(h, *parameters, self.m, self.eps), parameters
+        if self.is_residual:
+            return h.flatten(-2), None
         a, b_t = self.mixing(h).to(h.dtype).split([self.m + self.n, self.m], dim=-1)  # A, Bᵀ
         # NOTE: read and carry in one contraction, Aᵀ H = [Åᵀ H ; Âᵀ H] of (m+n, d_b) per token: one
         # batched matmul instead of two, and split views (backward: one cat) instead of slices.
         x, carry = (a.transpose(-1, -2) @ h).split([self.m, self.n], dim=-2)
         return x.flatten(-2), (carry, b_t)
 
-    def write(self, h: torch.Tensor, z: torch.Tensor, mix: Mixing | None) -> torch.Tensor:
-        """State h (batch, seq, n, d_b) and sublayer output z (batch, seq, D) -> new state (batch, seq, n, d_b)."""
+    def write(self, h: State, z: torch.Tensor, mix: Mixing | None) -> State:
+        """State h (batch, seq, n, d_b) or its lane tiles and sublayer output z (batch, seq, D) -> new state, in h's
+        layout."""
+        if isinstance(h, ghc_kernel.LaneTiles):
+            return ghc_kernel.fused_write(h, z.to(h.data.dtype), *mix, self.eps)
         if self.is_residual:
             return h + z.view_as(h)
-        if isinstance(mix, ghc_kernel.MixingParameters):  # `read` took the fused kernel
-            return ghc_kernel.fused_write(h, z.to(h.dtype), *mix, self.eps)
         carry, b_t = mix  # Âᵀ H (batch, seq, n, d_b); Bᵀ (batch, seq, n, m), or (n, m) if static
         tokens = carry.shape[:-2]
         b_t = b_t.expand(*tokens, self.n, self.m).flatten(0, -3)

@@ -24,7 +24,7 @@ from torch import nn
 
 from harness.model import cpu_kernels
 from harness.model.config import ModelConfig
-from harness.model.ghc import GeneralizedHyperConnection
+from harness.model.ghc import GeneralizedHyperConnection, State, tile_state, untile_state
 from harness.model.loss import linear_cross_entropy
 from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
 from harness.model.norm import RMSNorm
@@ -117,9 +117,9 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(d, config.d_ff)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, RouterStats | None]:
-        """h (B, T, n, d_b) -> (B, T, n, d_b), and the router terms of the MoE (None if dense)."""
+    def forward(self, h: State, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[State, RouterStats | None]:
+        """h (B, T, n, d_b), or its lane tiles (`ghc.tile_state`) -> the same, and the router terms of the MoE (None
+        if dense)."""
         x, mix = self.attn_connection.read(h)
         h = self.attn_connection.write(h, self.attn(self.attn_norm(x), rope), mix)
         x, mix = self.ffn_connection.read(h)
@@ -195,8 +195,8 @@ class MultiTokenPredictor(nn.Module):
         # [hidden ; embed] W = hidden W_h + embed W_e, without the (B, T, n, 2·d_b) concatenation
         w_hidden, w_embed = self.merge.weight.chunk(2, dim=1)
         merged = F.linear(hidden, w_hidden) + F.linear(embed, w_embed)  # (B, T, n, d_b)
-        out, stats = self.block(merged, rope)
-        return self.head(out), stats
+        out, stats = self.block(tile_state(merged), rope)
+        return self.head(untile_state(out)), stats
 
 
 @dataclass
@@ -279,11 +279,12 @@ class LanguageModel(nn.Module):
             next_token = targets[:, seq_len - 1]
         rope = self.rope(seq_len)
         embedded = self.embed(tokens)  # (B, T, n, d_b)
-        h = embedded
+        h = tile_state(embedded)
         stats: list[RouterStats] = []
         for block in self.blocks:
             h, layer_stats = block(h, rope)
             stats.append(layer_stats)
+        h = untile_state(h)
         features = self.head(h)  # (B, T, D), the LM head's input
 
         mtp_features = None

@@ -50,11 +50,6 @@ void check_input(const Tensor& t, const char* name, int64_t dim) {
               " ", t.scalar_type(), " on ", t.device());
 }
 
-struct Dims {
-  int64_t tokens, n, d, m, k;
-  Dims(const Tensor& h, int64_t m) : tokens(h.size(0)), n(h.size(1)), d(h.size(2)), m(m), k(2 * m + h.size(1)) {}
-};
-
 // ---- tiles: token-major rows <-> lane matrices ----
 
 inline v16 load16(const float* p) {
@@ -212,7 +207,8 @@ class Mixing {
         for (int j = 0; j < 4; ++j) squares[j] += h[i * d + ch + j] * h[i * d + ch + j];
       for (; ch < d; ++ch) squares[0] += h[i * d + ch] * h[i * d + ch];
       const v16 mean_square = ((squares[0] + squares[1]) + (squares[2] + squares[3])) / static_cast<float>(d) + eps_;
-      for (int l = 0; l < kLanes; ++l) c.rstd[i][l] = 1.0f / std::sqrt(mean_square[l]);
+      // a zero mean square (an empty lane past the last token, with eps = 0) gives rstd 0, not inf and NaNs
+      for (int l = 0; l < kLanes; ++l) c.rstd[i][l] = mean_square[l] > 0.0f ? 1.0f / std::sqrt(mean_square[l]) : 0.0f;
     }
     product(result(c.pre.data(), width), matrix(h, d), matrix(proj_.data(), width), n, width, d, false);
     for (int64_t i = 0; i < n; ++i)
@@ -302,16 +298,16 @@ struct TileWork {
   v16* operator[](std::size_t i) { return buffers[i].data(); }
 };
 
-// The tiles of an op's tokens over the threads: body(work, first token, token count) for each tile, `work` a
-// TileWork of the given lane-matrix sizes per thread.
+// The tiles over the threads: body(work, tile, first token, token count) for each, `work` a TileWork of the
+// given lane-matrix sizes per thread.
 template <typename Body>
-void for_each_tile(int64_t tokens, const Mixing& mixing, std::initializer_list<int64_t> sizes, const Body& body) {
-  const int64_t tiles = (tokens + kLanes - 1) / kLanes;
+void for_each_tile(int64_t tiles, int64_t tokens, const Mixing& mixing, std::initializer_list<int64_t> sizes,
+                   const Body& body) {
   at::parallel_for(0, tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
     TileWork work(mixing, sizes);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kLanes;
-      body(work, t0, std::min(kLanes, tokens - t0));
+      body(work, tile, t0, std::clamp<int64_t>(tokens - t0, 0, kLanes));
     }
   });
 }
@@ -319,117 +315,166 @@ void for_each_tile(int64_t tokens, const Mixing& mixing, std::initializer_list<i
 vwn::ThreadRows parameter_sums(const Mixing& mixing) { return vwn::ThreadRows(mixing.sum_lanes() * kLanes); }
 v16* thread_sums(vwn::ThreadRows& sums) { return reinterpret_cast<v16*>(sums.row()); }
 
-// h (T, n, d) -> x (T, m, d), X[j] = Σ_i Å[i, j] H[i]
+// The GHC state arrives and leaves as lane tiles, (tiles, n, d, 16): tile t holds tokens 16t .. 16t + 15, lane l
+// token 16t + l, zeros past the last token; only the sublayer's x and z are token-major. Transposing the state
+// in and out of every op took 40-50 % of the ops' time at (2, 3) and (2, 16).
+void check_tiles(const Tensor& t, const char* name) {
+  check_input(t, name, 4);
+  TORCH_CHECK(t.size(3) == kLanes && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % sizeof(v16) == 0,
+              "vwn_ghc: ", name, " must be lane tiles (tiles, n, d, 16) on a 64-byte boundary, got ", t.sizes());
+}
+
+const v16* tile_of(const Tensor& tiles, int64_t tile) {
+  return reinterpret_cast<const v16*>(tiles.data_ptr<float>()) + tile * tiles.size(1) * tiles.size(2);
+}
+v16* tile_of(Tensor& tiles, int64_t tile) {
+  return reinterpret_cast<v16*>(tiles.data_ptr<float>()) + tile * tiles.size(1) * tiles.size(2);
+}
+
+// x (T, n, d) -> lane tiles (ceil(T / 16), n, d, 16)
+Tensor to_tiles(const Tensor& x) {
+  check_input(x, "x", 3);
+  const int64_t tokens = x.size(0), width = x.size(1) * x.size(2);
+  Tensor tiles = at::empty({(tokens + kLanes - 1) / kLanes, x.size(1), x.size(2), kLanes}, x.options());
+  const float* X = x.data_ptr<float>();
+  at::parallel_for(0, tiles.size(0), kGrainTiles, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile)
+      to_lanes(X + tile * kLanes * width, width, std::min(kLanes, tokens - tile * kLanes), width, tile_of(tiles, tile));
+  });
+  return tiles;
+}
+
+// lane tiles (tiles, n, d, 16) -> x (T, n, d), the first T tokens
+Tensor from_tiles(const Tensor& tiles, int64_t tokens) {
+  check_tiles(tiles, "tiles");
+  TORCH_CHECK(0 <= tokens && tokens <= tiles.size(0) * kLanes, "vwn_ghc: ", tokens, " tokens in ", tiles.size(0),
+              " tiles");
+  const int64_t width = tiles.size(1) * tiles.size(2);
+  Tensor x = at::empty({tokens, tiles.size(1), tiles.size(2)}, tiles.options());
+  float* X = x.data_ptr<float>();
+  at::parallel_for(0, (tokens + kLanes - 1) / kLanes, kGrainTiles, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile)
+      from_lanes(tile_of(tiles, tile), width, std::min(kLanes, tokens - tile * kLanes), X + tile * kLanes * width,
+                 width);
+  });
+  return x;
+}
+
+// Sizes of an op: the state's tiles and slots, and the sublayer side's tokens and read slots.
+struct Dims {
+  int64_t tiles, n, d, tokens, m;
+  Dims(const Tensor& h_tiles, const Tensor& sublayer_side)
+      : tiles(h_tiles.size(0)), n(h_tiles.size(1)), d(h_tiles.size(2)), tokens(sublayer_side.size(0)),
+        m(sublayer_side.size(1)) {
+    TORCH_CHECK(sublayer_side.size(2) == d && (tokens + kLanes - 1) / kLanes == tiles, "vwn_ghc: ", tokens,
+                " tokens of ", sublayer_side.size(1), " x ", sublayer_side.size(2), " for ", tiles, " tiles of ", n,
+                " x ", d);
+  }
+};
+
+// h (tiles) -> x (T, m, d), X[j] = Σ_i Å[i, j] H[i]
 Tensor read_forward(const Tensor& h, const Tensor& static_coef, const std::optional<Tensor>& proj,
-                    const std::optional<Tensor>& scale, int64_t read_slots, double eps) {
-  check_input(h, "h", 3);
-  const Dims s(h, read_slots);
+                    const std::optional<Tensor>& scale, int64_t read_slots, int64_t tokens, double eps) {
+  check_tiles(h, "h");
+  Tensor x = at::empty({tokens, read_slots, h.size(2)}, h.options());
+  const Dims s(h, x);
   const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
-  Tensor x = at::empty({s.tokens, s.m, s.d}, h.options());
-  const float* H = h.data_ptr<float>();
   float* X = x.data_ptr<float>();
   const int64_t n = s.n, d = s.d, m = s.m;
-  for_each_tile(s.tokens, mixing, {n * d, m * d}, [&](TileWork& work, int64_t t0, int64_t count) {
-    v16 *ht = work[0], *xt = work[1];
-    const v16* coef = work.coefficients.coef.data();
-    to_lanes(H + t0 * n * d, n * d, count, n * d, ht);
+  for_each_tile(s.tiles, s.tokens, mixing, {m * d}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+    const v16* ht = tile_of(h, tile);
+    v16* xt = work[0];
     mixing.forward(ht, work.coefficients);
-    product(result(xt, d), transposed(coef, m), matrix(ht, d), m, d, n, false);  // X[j] = Σ_i Å[i, j] H[i]
+    product(result(xt, d), transposed(work.coefficients.coef.data(), m), matrix(ht, d), m, d, n, false);
     from_lanes(xt, m * d, count, X + t0 * m * d, m * d);
   });
   return x;
 }
 
-// gradient of x (T, m, d) -> gradients of h (T, n, d), static (n, k), proj (d, k) and scale (n, k) (the last
-// two empty if static)
+// gradient of x (T, m, d) -> gradients of h (tiles), static (n, k), proj (d, k) and scale (n, k) (the last two
+// empty if static)
 std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const Tensor& static_coef,
                                                          const std::optional<Tensor>& proj,
                                                          const std::optional<Tensor>& scale, double eps,
                                                          const Tensor& grad_x) {
-  check_input(h, "h", 3);
+  check_tiles(h, "h");
   check_input(grad_x, "grad_x", 3);
-  const Dims s(h, grad_x.size(1));
+  const Dims s(h, grad_x);
   const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
   vwn::ThreadRows sums = parameter_sums(mixing);
   Tensor grad_h = at::empty_like(h);
-  const float* H = h.data_ptr<float>();
   const float* GX = grad_x.data_ptr<float>();
-  float* GH = grad_h.data_ptr<float>();
   const int64_t n = s.n, d = s.d, m = s.m;
-  for_each_tile(s.tokens, mixing, {n * d, m * d, n * d, n * m}, [&](TileWork& work, int64_t t0, int64_t count) {
-    v16 *ht = work[0], *gxt = work[1], *ght = work[2], *g_coef = work[3];
+  for_each_tile(s.tiles, s.tokens, mixing, {m * d, n * m}, [&](TileWork& work, int64_t tile, int64_t t0,
+                                                             int64_t count) {
+    const v16* ht = tile_of(h, tile);
+    v16* ght = tile_of(grad_h, tile);
+    v16 *gxt = work[0], *g_coef = work[1];
     const v16* coef = work.coefficients.coef.data();
-    to_lanes(H + t0 * n * d, n * d, count, n * d, ht);
     to_lanes(GX + t0 * m * d, m * d, count, m * d, gxt);
     mixing.forward(ht, work.coefficients);
     product(result(g_coef, m), matrix(ht, d), transposed(gxt, d), n, m, d, false);  // <H[i], G_X[j]>
     product(result(ght, d), matrix(coef, m), matrix(gxt, d), n, d, m, false);      // Σ_j Å[i, j] G_X[j]
     mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums(sums));
-    from_lanes(ght, n * d, count, GH + t0 * n * d, n * d);
   });
   auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums, h);
   return {grad_h, grad_static, grad_proj, grad_scale};
 }
 
-// h (T, n, d), z (T, m, d) -> new state (T, n, d), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
+// h (tiles), z (T, m, d) -> new state (tiles), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
 Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& static_coef, const std::optional<Tensor>& proj,
                      const std::optional<Tensor>& scale, double eps) {
-  check_input(h, "h", 3);
+  check_tiles(h, "h");
   check_input(z, "z", 3);
-  const Dims s(h, z.size(1));
+  const Dims s(h, z);
   const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);  // row i: [Â[i, :] | Bᵀ[i, :]]
   Tensor out = at::empty_like(h);
-  const float* H = h.data_ptr<float>();
   const float* Z = z.data_ptr<float>();
-  float* O = out.data_ptr<float>();
   const int64_t n = s.n, d = s.d, m = s.m, width = n + m;
-  for_each_tile(s.tokens, mixing, {n * d, m * d, n * d}, [&](TileWork& work, int64_t t0, int64_t count) {
-    v16 *ht = work[0], *zt = work[1], *ot = work[2];
+  for_each_tile(s.tiles, s.tokens, mixing, {m * d}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+    const v16* ht = tile_of(h, tile);
+    v16* ot = tile_of(out, tile);
+    v16* zt = work[0];
     const v16* coef = work.coefficients.coef.data();
-    to_lanes(H + t0 * n * d, n * d, count, n * d, ht);
     to_lanes(Z + t0 * m * d, m * d, count, m * d, zt);
     mixing.forward(ht, work.coefficients);
     product(result(ot, d), transposed(coef, width), matrix(ht, d), n, d, n, false);  // Σ_i Â[i, j] H[i]
     product(result(ot, d), matrix(coef + n, width), matrix(zt, d), n, d, m, true);   // + Σ_l Bᵀ[j, l] Z[l]
-    from_lanes(ot, n * d, count, O + t0 * n * d, n * d);
   });
   return out;
 }
 
-// gradient g of the new state (T, n, d) -> gradients of h (T, n, d), z (T, m, d), static, proj and scale
+// gradient g of the new state (tiles) -> gradients of h (tiles), z (T, m, d), static, proj and scale
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& h, const Tensor& z,
                                                                   const Tensor& static_coef,
                                                                   const std::optional<Tensor>& proj,
                                                                   const std::optional<Tensor>& scale, double eps,
                                                                   const Tensor& grad) {
-  check_input(h, "h", 3);
+  check_tiles(h, "h");
   check_input(z, "z", 3);
-  check_input(grad, "grad", 3);
-  const Dims s(h, z.size(1));
+  check_tiles(grad, "grad");
+  TORCH_CHECK(grad.sizes() == h.sizes(), "vwn_ghc: grad ", grad.sizes(), " for a state of ", h.sizes());
+  const Dims s(h, z);
   const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);
   vwn::ThreadRows sums = parameter_sums(mixing);
   Tensor grad_h = at::empty_like(h);
   Tensor grad_z = at::empty_like(z);
-  const float* H = h.data_ptr<float>();
   const float* Z = z.data_ptr<float>();
-  const float* G = grad.data_ptr<float>();
-  float* GH = grad_h.data_ptr<float>();
   float* GZ = grad_z.data_ptr<float>();
   const int64_t n = s.n, d = s.d, m = s.m, width = n + m;
-  for_each_tile(s.tokens, mixing, {n * d, m * d, n * d, n * d, m * d, n * width},
-                [&](TileWork& work, int64_t t0, int64_t count) {
-    v16 *ht = work[0], *zt = work[1], *gt = work[2], *ght = work[3], *gzt = work[4], *g_coef = work[5];
+  for_each_tile(s.tiles, s.tokens, mixing, {m * d, m * d, n * width},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+    const v16 *ht = tile_of(h, tile), *gt = tile_of(grad, tile);
+    v16* ght = tile_of(grad_h, tile);
+    v16 *zt = work[0], *gzt = work[1], *g_coef = work[2];
     const v16* coef = work.coefficients.coef.data();
-    to_lanes(H + t0 * n * d, n * d, count, n * d, ht);
     to_lanes(Z + t0 * m * d, m * d, count, m * d, zt);
-    to_lanes(G + t0 * n * d, n * d, count, n * d, gt);
     mixing.forward(ht, work.coefficients);
     product(result(g_coef, width), matrix(ht, d), transposed(gt, d), n, n, d, false);      // <H[i], G[j]>
     product(result(g_coef + n, width), matrix(gt, d), transposed(zt, d), n, m, d, false);  // <G[j], Z[l]>
     product(result(ght, d), matrix(coef, width), matrix(gt, d), n, d, n, false);           // Σ_j Â[i, j] G[j]
     product(result(gzt, d), transposed(coef + n, width), matrix(gt, d), m, d, n, false);   // Σ_j Bᵀ[j, l] G[j]
     mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums(sums));
-    from_lanes(ght, n * d, count, GH + t0 * n * d, n * d);
     from_lanes(gzt, m * d, count, GZ + t0 * m * d, m * d);
   });
   auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums, h);
@@ -439,7 +484,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
 }  // namespace
 
 TORCH_LIBRARY(vwn_ghc, lib) {
-  lib.def("read_forward(Tensor h, Tensor static, Tensor? proj, Tensor? scale, int m, float eps) -> Tensor");
+  lib.def("to_tiles(Tensor x) -> Tensor");
+  lib.def("from_tiles(Tensor tiles, int tokens) -> Tensor");
+  lib.def("read_forward(Tensor h, Tensor static, Tensor? proj, Tensor? scale, int m, int tokens, float eps) -> Tensor");
   lib.def("read_backward(Tensor h, Tensor static, Tensor? proj, Tensor? scale, float eps, Tensor grad_x)"
           " -> (Tensor, Tensor, Tensor, Tensor)");
   lib.def("write_forward(Tensor h, Tensor z, Tensor static, Tensor? proj, Tensor? scale, float eps) -> Tensor");
@@ -448,6 +495,8 @@ TORCH_LIBRARY(vwn_ghc, lib) {
 }
 
 TORCH_LIBRARY_IMPL(vwn_ghc, CPU, lib) {
+  lib.impl("to_tiles", &to_tiles);
+  lib.impl("from_tiles", &from_tiles);
   lib.impl("read_forward", &read_forward);
   lib.impl("read_backward", &read_backward);
   lib.impl("write_forward", &write_forward);
