@@ -131,7 +131,8 @@ using ConstLanes = Strided<const v16>;
 
 // C[a0 : a0 + RA, b0 : b0 + RB] (+)= Σ_r A(a, r) ∘ B(r, b), lane by lane, the block's sums in registers
 template <int RA, int RB>
-void product_block(Lanes c, ConstLanes a, ConstLanes b, int64_t a0, int64_t b0, int64_t depth, bool accumulate) {
+__attribute__((always_inline)) inline void product_block(Lanes c, ConstLanes a, ConstLanes b, int64_t a0,
+                                                         int64_t b0, int64_t depth, bool accumulate) {
   v16 sum[RA][RB];
   for (int i = 0; i < RA; ++i)
     for (int j = 0; j < RB; ++j) sum[i][j] = accumulate ? c(a0 + i, b0 + j) : v16{};
@@ -146,20 +147,31 @@ void product_block(Lanes c, ConstLanes a, ConstLanes b, int64_t a0, int64_t b0, 
     for (int j = 0; j < RB; ++j) c(a0 + i, b0 + j) = sum[i][j];
 }
 
-using ProductBlock = void (*)(Lanes, ConstLanes, ConstLanes, int64_t, int64_t, int64_t, bool);
-constexpr int kBlock = 4;  // 4 x 4 sums, 4 + 4 operands: 24 of the 32 AVX-512 registers
-constexpr ProductBlock kProductBlocks[kBlock][kBlock] = {
-    {product_block<1, 1>, product_block<1, 2>, product_block<1, 3>, product_block<1, 4>},
-    {product_block<2, 1>, product_block<2, 2>, product_block<2, 3>, product_block<2, 4>},
-    {product_block<3, 1>, product_block<3, 2>, product_block<3, 3>, product_block<3, 4>},
-    {product_block<4, 1>, product_block<4, 2>, product_block<4, 3>, product_block<4, 4>}};
+constexpr int kBlock = 4;  // blocks of up to 4 x 4 sums, 4 + 4 operands: 24 of the 32 AVX-512 registers
+
+// Rows [a0, a0 + RA) of C, all columns, a block of 4 at a time
+// NOTE: one call per row block, not per block: with n = 3 most products are 3 x d with a depth of 3 to 5, and
+// a call per 3 x 4 block (its set-up, spills and indirect jump) cost as much as the block's FMAs.
+template <int RA>
+void product_rows(Lanes c, ConstLanes a, ConstLanes b, int64_t a0, int64_t cols, int64_t depth, bool accumulate) {
+  int64_t b0 = 0;
+  for (; b0 + kBlock <= cols; b0 += kBlock) product_block<RA, kBlock>(c, a, b, a0, b0, depth, accumulate);
+  switch (cols - b0) {
+    case 1: return product_block<RA, 1>(c, a, b, a0, b0, depth, accumulate);
+    case 2: return product_block<RA, 2>(c, a, b, a0, b0, depth, accumulate);
+    case 3: return product_block<RA, 3>(c, a, b, a0, b0, depth, accumulate);
+  }
+}
 
 // C (rows × cols) (+)= A (rows × depth) · B (depth × cols), lane by lane
 void product(Lanes c, ConstLanes a, ConstLanes b, int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
-  for (int64_t a0 = 0; a0 < rows; a0 += kBlock)
-    for (int64_t b0 = 0; b0 < cols; b0 += kBlock)
-      kProductBlocks[std::min<int64_t>(kBlock, rows - a0) - 1][std::min<int64_t>(kBlock, cols - b0) - 1](
-          c, a, b, a0, b0, depth, accumulate);
+  int64_t a0 = 0;
+  for (; a0 + kBlock <= rows; a0 += kBlock) product_rows<kBlock>(c, a, b, a0, cols, depth, accumulate);
+  switch (rows - a0) {
+    case 1: return product_rows<1>(c, a, b, a0, cols, depth, accumulate);
+    case 2: return product_rows<2>(c, a, b, a0, cols, depth, accumulate);
+    case 3: return product_rows<3>(c, a, b, a0, cols, depth, accumulate);
+  }
 }
 
 // A row-major (rows × cols) lane matrix, as a product's operand or its transpose, or as its result
@@ -208,7 +220,9 @@ class Mixing {
       for (; ch < d; ++ch) squares[0] += h[i * d + ch] * h[i * d + ch];
       const v16 mean_square = ((squares[0] + squares[1]) + (squares[2] + squares[3])) / static_cast<float>(d) + eps_;
       // a zero mean square (an empty lane past the last token, with eps = 0) gives rstd 0, not inf and NaNs
-      for (int l = 0; l < kLanes; ++l) c.rstd[i][l] = mean_square[l] > 0.0f ? 1.0f / std::sqrt(mean_square[l]) : 0.0f;
+      float* rstd = reinterpret_cast<float*>(&c.rstd[i]);
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) rstd[l] = mean_square[l] > 0.0f ? 1.0f / std::sqrt(mean_square[l]) : 0.0f;
     }
     product(result(c.pre.data(), width), matrix(h, d), matrix(proj_.data(), width), n, width, d, false);
     for (int64_t i = 0; i < n; ++i)
