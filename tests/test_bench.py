@@ -123,8 +123,8 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         assert run["mfu"] == pytest.approx(3 * run["flops_per_token"] * run["tokens_per_s"] / 2e10)
         assert sum(run["breakdown_ms"].values()) == pytest.approx(run["step_ms"])
     assert runs[0]["overhead_measured"] == runs[0]["overhead_predicted"] == runs[0]["overhead_matmul_floor"] == 0.0
-    for run in runs[1:]:  # the width's extra calls (reduce head, MTP merge); the floor is their time over the r = 1 step
-        assert run["matmul_gflop"] > runs[0]["matmul_gflop"]  # (their time, microseconds here, is within the noise)
+    for run in runs[1:]:  # the width's extra calls (reduce head, MTP merge); the floor: their time over r = 1's step
+        assert run["matmul_gflop"] > runs[0]["matmul_gflop"]  # (that time, microseconds here, is within the noise)
         assert run["overhead_matmul_floor"] == pytest.approx(
             (run["matmul_ms"] - runs[0]["matmul_ms"]) / runs[0]["step_ms"])
     assert runs[2]["overhead_predicted"] > runs[1]["overhead_predicted"] > 0
