@@ -5,9 +5,11 @@
 //   with gradients:  g_t = softmax(W h_t) - onehot(y_t),  grad_h = G W,  grad_W = Gᵀ H
 //
 // Per chunk: the logits by one GEMM, then one parallel pass over the chunk's rows turning each row, in
-// place and in L1, into its gradient (max, exp and sum, scale, minus one at the target), then the two
-// gradient GEMMs while the chunk is in cache. The pass replaces about ten torch ops per chunk (amax, sub,
-// exp, sum, log, gather, div, an indexed subtract, ...), each a separate pass over the chunk.
+// place and in L1, into e_t = exp(W h_t - max), then the two gradient GEMMs while the chunk is in cache. The
+// softmax's 1 / Σ e_t and the one-hot are applied to the (rows, D) sides instead of the (rows, V) chunk:
+//   grad_h_t = (E W)_t / Σ e_t - W[y_t],    grad_W = Eᵀ (h_t / Σ e_t) - Σ_t onehot(y_t) h_tᵀ
+// which saves a pass over the chunk; the row pass replaces about ten torch ops per chunk (amax, sub, exp,
+// sum, log, gather, div, an indexed subtract, ...), each a separate pass over the chunk.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -34,47 +36,42 @@ using at::Tensor;
 
 constexpr int64_t kGrainRows = 8;
 
-// One row of logits x (V) -> its loss term logsumexp(x) - x[target]; with `to_gradient`, x becomes
-// softmax(x) - onehot(target) in place.
+// One row of logits x (V) -> its loss term logsumexp(x) - x[target]; with `to_exp`, x becomes exp(x - max x)
+// in place and *inverse_sum = 1 / Σ exp(x - max x), so that softmax(x) = x · *inverse_sum.
 // NOTE: four vectors in flight in the max and sum loops: with one, each step waits on the last (4-cycle
 // latency) and the row pass took as long as the chunk's GEMMs; `omp simd` reductions compiled to one.
-inline double row_loss(float* __restrict x, int64_t vocab, int64_t target, bool to_gradient) {
-  using vwn::load8, vwn::store8, vwn::v8;
-  const int64_t whole = vocab / 32 * 32;
-  v8 lanes[4];
-  for (auto& l : lanes) l = v8{} - std::numeric_limits<float>::infinity();
-  for (int64_t v = 0; v < whole; v += 32)
+inline double row_loss(float* __restrict x, int64_t vocab, int64_t target, bool to_exp, float* inverse_sum) {
+  using vwn::load16, vwn::store16, vwn::v16;
+  const int64_t whole = vocab / 64 * 64;
+  v16 lanes[4];
+  for (auto& l : lanes) l = v16{} - std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < whole; v += 64)
     for (int j = 0; j < 4; ++j) {
-      const v8 block = load8(x + v + 8 * j);
+      const v16 block = load16(x + v + 16 * j);
       lanes[j] = block > lanes[j] ? block : lanes[j];
     }
   float peak = -std::numeric_limits<float>::infinity();
   for (const auto& l : lanes)
-    for (int i = 0; i < 8; ++i) peak = std::max(peak, l[i]);
+    for (int i = 0; i < 16; ++i) peak = std::max(peak, l[i]);
   for (int64_t v = whole; v < vocab; ++v) peak = std::max(peak, x[v]);
 
   const float target_logit = x[target];
-  v8 sums[4] = {};
-  for (int64_t v = 0; v < whole; v += 32)
+  v16 sums[4] = {};
+  for (int64_t v = 0; v < whole; v += 64)
     for (int j = 0; j < 4; ++j) {
-      const v8 e = vwn::exp_nonpositive(load8(x + v + 8 * j) - peak);
-      if (to_gradient) store8(x + v + 8 * j, e);
+      const v16 e = vwn::exp_nonpositive(load16(x + v + 16 * j) - peak);
+      if (to_exp) store16(x + v + 16 * j, e);
       sums[j] += e;
     }
   float sum = 0.0f;
   for (const auto& s : sums)
-    for (int i = 0; i < 8; ++i) sum += s[i];
+    for (int i = 0; i < 16; ++i) sum += s[i];
   for (int64_t v = whole; v < vocab; ++v) {
     const float e = vwn::exp_nonpositive(x[v] - peak);
-    if (to_gradient) x[v] = e;
+    if (to_exp) x[v] = e;
     sum += e;
   }
-  if (to_gradient) {
-    const float inverse = 1.0f / sum;
-#pragma omp simd
-    for (int64_t v = 0; v < vocab; ++v) x[v] *= inverse;
-    x[target] -= 1.0f;
-  }
+  *inverse_sum = 1.0f / sum;
   return static_cast<double>(peak) + std::log(static_cast<double>(sum)) - target_logit;
 }
 
@@ -99,8 +96,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
 
   Tensor grad_hidden = with_grads ? at::empty_like(hidden) : at::empty({0}, hidden.options());
   Tensor grad_weight = with_grads ? at::zeros_like(weight) : at::empty({0}, weight.options());
-  Tensor logits = at::empty({std::min(chunk_rows, rows), vocab}, hidden.options());
+  const int64_t dim = hidden.size(1), chunk_capacity = std::min(chunk_rows, rows);
+  Tensor logits = at::empty({chunk_capacity, vocab}, hidden.options());
+  Tensor scaled_hidden = at::empty({chunk_capacity, dim}, hidden.options());  // h_t / Σ e_t
   std::vector<double> row_losses(rows);
+  std::vector<float> inverse_sums(chunk_capacity);
+  const float* H = hidden.data_ptr<float>();
+  const float* W = weight.data_ptr<float>();
   for (int64_t start = 0; start < rows; start += chunk_rows) {
     const int64_t count = std::min(chunk_rows, rows - start);
     const Tensor h = hidden.narrow(0, start, count);
@@ -109,12 +111,30 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
     float* X = chunk.data_ptr<float>();
     at::parallel_for(0, count, kGrainRows, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        row_losses[start + r] = row_loss(X + r * vocab, vocab, Y[start + r], with_grads);
+        row_losses[start + r] = row_loss(X + r * vocab, vocab, Y[start + r], with_grads, &inverse_sums[r]);
     });
-    if (with_grads) {
-      Tensor grad_h = grad_hidden.narrow(0, start, count);
-      at::mm_out(grad_h, chunk, weight);
-      grad_weight.addmm_(chunk.t(), h);
+    if (!with_grads) continue;
+    Tensor grad_h = grad_hidden.narrow(0, start, count);
+    at::mm_out(grad_h, chunk, weight);  // E W
+    float* GH = grad_h.data_ptr<float>();
+    float* HS = scaled_hidden.data_ptr<float>();
+    float* GW = grad_weight.data_ptr<float>();
+    for (int64_t r = 0; r < count; ++r) {
+      const float inverse = inverse_sums[r];
+      const float* hr = H + (start + r) * dim;
+      const float* w_target = W + Y[start + r] * dim;
+#pragma omp simd
+      for (int64_t c = 0; c < dim; ++c) {
+        GH[r * dim + c] = GH[r * dim + c] * inverse - w_target[c];
+        HS[r * dim + c] = hr[c] * inverse;
+      }
+    }
+    grad_weight.addmm_(chunk.t(), scaled_hidden.narrow(0, 0, count));
+    for (int64_t r = 0; r < count; ++r) {  // - onehot(y_t) h_tᵀ, in order: targets repeat
+      float* gw_target = GW + Y[start + r] * dim;
+      const float* hr = H + (start + r) * dim;
+#pragma omp simd
+      for (int64_t c = 0; c < dim; ++c) gw_target[c] -= hr[c];
     }
   }
   double total = 0.0;

@@ -39,6 +39,8 @@
 namespace {
 
 using at::Tensor;
+using vwn::load16;
+using vwn::store16;
 using vwn::v16;
 
 constexpr int64_t kLanes = 16;  // tokens per tile
@@ -51,14 +53,6 @@ void check_input(const Tensor& t, const char* name, int64_t dim) {
 }
 
 // ---- tiles: token-major rows <-> lane matrices ----
-
-inline v16 load16(const float* p) {
-  v16 v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
 
 // One stage of the 16 x 16 transpose on rows (x, y) = (i, i + B), i without bit B: the element in column c
 // moves to the other row when bit B of c differs from the row's, which swaps bit B of row and column indices.
