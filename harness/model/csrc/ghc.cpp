@@ -9,14 +9,15 @@
 //           X[j] = Σ_i coef[i, j] H[i]                 j < m
 //   write:  H⁺[j] = Σ_i coef[i, m + j] H[i] + Σ_l coef[j, m + n + l] Z[l]
 //
-// Tokens are taken sixteen at a time, one per vector lane: a tile's slots are transposed into "lane
-// matrices" (every element a vector of the sixteen tokens' values), and all of the maths, the coefficients'
-// reductions over d included, becomes products of lane matrices without a horizontal sum. Nothing of size
-// (T, n, k) is stored: a tile's coefficients are recomputed in cache by the backward. Parameter gradients
-// are summed per thread and per lane, then reduced.
-// NOTE: one token at a time, vectorised along d, the same maths ran 4-8x slower: the reductions over d
-// (rstd, H W, the coefficients' gradients <H_i, G_j>) were short dot products, each ending in a horizontal
-// sum, and with n = 3 the loops over slots left each FMA waiting on the last.
+// Tokens are taken sixteen at a time, one per vector lane, as "lane matrices" (every element a vector of the
+// sixteen tokens' values): the state arrives in that layout (lane tiles, made by to_tiles), the sublayer's x
+// and z are transposed per tile, and all of the maths, the coefficients' reductions over d included, becomes
+// products of lane matrices without a horizontal sum. Nothing of size (T, n, k) is stored: a tile's
+// coefficients are recomputed in cache by the backward. Parameter gradients are summed per thread and per
+// lane, then reduced.
+// NOTE: one token at a time, vectorised along d, the same four ops ran 2-2.5x slower at (2, 3) to (8, 64):
+// the reductions over d (rstd, H W, the coefficients' gradients <H_i, G_j>) were short dot products, each
+// ending in a horizontal sum, and with n = 3 the loops over slots left each FMA waiting on the last.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
