@@ -8,11 +8,11 @@
 - `csrc/attention.cpp`: rotary + causal attention from the qkv projection, forward and backward (`vwn_attn::*`,
   used by `transformer.Attention`).
 
-The extension is compiled with `-march=native` once per CPU type and source version (both hashed into its
-name, so a shared cache on a cluster of mixed nodes keeps one build per type, and an edited source never
-loads a stale build) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions).
-If it cannot be built (no C++ compiler), `available()` warns once with the reason and returns False, and the
-model takes its torch code instead.
+The extension is compiled with `-march=native` once per CPU type, compile flags and source version (all hashed
+into its name, so a shared cache on a cluster of mixed nodes keeps one build per type, and an edited source or
+flag never loads a stale build) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
+~/.cache/torch_extensions). If it cannot be built (no C++ compiler), `available()` warns once with the reason
+and returns False, and the model takes its torch code instead.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@
 namespace {
 
 using at::Tensor;
-using vwn::load8;
-using vwn::store8;
+using vwn::load;
+using vwn::store;
 using vwn::v8;
 using vwn::whole_vectors;
 
@@ -100,24 +100,24 @@ inline void block_scores(float* __restrict out, const float* __restrict q, const
   for (; j + 16 <= count; j += 16) {
     v8 acc[R][2] = {};
     for (int64_t c = 0; c < hd; ++c) {
-      const v8 k0 = load8(k_t + c * padded + j), k1 = load8(k_t + c * padded + j + 8);
+      const v8 k0 = load<v8>(k_t + c * padded + j), k1 = load<v8>(k_t + c * padded + j + 8);
       for (int r = 0; r < R; ++r) {
         acc[r][0] += q[r * hd + c] * k0;
         acc[r][1] += q[r * hd + c] * k1;
       }
     }
     for (int r = 0; r < R; ++r) {
-      store8(out + r * padded + j, acc[r][0]);
-      store8(out + r * padded + j + 8, acc[r][1]);
+      store(out + r * padded + j, acc[r][0]);
+      store(out + r * padded + j + 8, acc[r][1]);
     }
   }
   if (j < count) {
     v8 acc[R] = {};
     for (int64_t c = 0; c < hd; ++c) {
-      const v8 k0 = load8(k_t + c * padded + j);
+      const v8 k0 = load<v8>(k_t + c * padded + j);
       for (int r = 0; r < R; ++r) acc[r] += q[r * hd + c] * k0;
     }
-    for (int r = 0; r < R; ++r) store8(out + r * padded + j, acc[r]);
+    for (int r = 0; r < R; ++r) store(out + r * padded + j, acc[r]);
   }
 }
 
@@ -129,17 +129,17 @@ inline void block_weighted_rows(float* __restrict out, const float* __restrict w
     v8 acc[R][2] = {};  // even and odd rows apart: 2R sums in flight
     int64_t j = 0;
     for (; j + 2 <= count; j += 2) {
-      const v8 v0 = load8(rows + j * hd + c), v1 = load8(rows + (j + 1) * hd + c);
+      const v8 v0 = load<v8>(rows + j * hd + c), v1 = load<v8>(rows + (j + 1) * hd + c);
       for (int r = 0; r < R; ++r) {
         acc[r][0] += w[r * padded + j] * v0;
         acc[r][1] += w[r * padded + j + 1] * v1;
       }
     }
     if (j < count) {
-      const v8 v0 = load8(rows + j * hd + c);
+      const v8 v0 = load<v8>(rows + j * hd + c);
       for (int r = 0; r < R; ++r) acc[r][0] += w[r * padded + j] * v0;
     }
-    for (int r = 0; r < R; ++r) store8(out + r * hd + c, acc[r][0] + acc[r][1]);
+    for (int r = 0; r < R; ++r) store(out + r * hd + c, acc[r][0] + acc[r][1]);
   }
 }
 
@@ -149,11 +149,11 @@ inline void block_add_outer(float* __restrict rows, const float* __restrict w, i
                             const float* __restrict x, int64_t count, int64_t hd) {
   for (int64_t c = 0; c < hd; c += 8) {
     v8 xr[R];
-    for (int r = 0; r < R; ++r) xr[r] = load8(x + r * hd + c);
+    for (int r = 0; r < R; ++r) xr[r] = load<v8>(x + r * hd + c);
     for (int64_t j = 0; j < count; ++j) {
-      v8 acc = load8(rows + j * hd + c);
+      v8 acc = load<v8>(rows + j * hd + c);
       for (int r = 0; r < R; ++r) acc += w[r * padded + j] * xr[r];
-      store8(rows + j * hd + c, acc);
+      store(rows + j * hd + c, acc);
     }
   }
 }
@@ -163,7 +163,7 @@ inline float row_max(const float* __restrict x, int64_t count) {
   v8 lanes = v8{} - std::numeric_limits<float>::infinity();
   int64_t j = 0;
   for (; j + 8 <= count; j += 8) {
-    const v8 block = load8(x + j);
+    const v8 block = load<v8>(x + j);
     lanes = block > lanes ? block : lanes;
   }
   float peak = -std::numeric_limits<float>::infinity();
@@ -178,8 +178,8 @@ inline float exp_row(float* __restrict x, float shift, int64_t valid, int64_t co
   for (int64_t j = valid; j < count; ++j) x[j] = -std::numeric_limits<float>::infinity();
   v8 sums[2] = {};
   for (int64_t j = 0; j < count; j += 8) {
-    const v8 e = vwn::exp_nonpositive(load8(x + j) - shift);
-    store8(x + j, e);
+    const v8 e = vwn::exp_nonpositive(load<v8>(x + j) - shift);
+    store(x + j, e);
     sums[(j / 8) % 2] += e;
   }
   // NOTE: exp_nonpositive of -inf is exp(-86) ≈ 4e-38, not 0: zeroed here; the at most 10 of them in the sum
@@ -273,7 +273,7 @@ void backward_block(const PairBuffers& pair, BackwardBuffers& work, int64_t i0, 
     float* pr = p + r * P;
     float* dsr = ds + r * P;
     exp_row(pr, lse[i0 + r], i0 + r + 1, count);
-    for (int64_t j = 0; j < count; j += 8) store8(dsr + j, load8(pr + j) * (load8(dsr + j) - do_dot_o[r]));
+    for (int64_t j = 0; j < count; j += 8) store(dsr + j, load<v8>(pr + j) * (load<v8>(dsr + j) - do_dot_o[r]));
   }
   block_weighted_rows<R>(&work.dq[i0 * hd], ds, P, pair.k.data(), keys, hd);
   block_add_outer<R>(work.dk.data(), ds, P, &pair.q[i0 * hd], keys, hd);

@@ -41,13 +41,13 @@ constexpr int64_t kGrainRows = 8;
 // NOTE: four vectors in flight in the max and sum loops: with one, each step waits on the last (4-cycle
 // latency) and the row pass took as long as the chunk's GEMMs; `omp simd` reductions compiled to one.
 inline double row_loss(float* __restrict x, int64_t vocab, int64_t target, bool to_exp, float* inverse_sum) {
-  using vwn::load16, vwn::store16, vwn::v16;
+  using vwn::load, vwn::store, vwn::v16;
   const int64_t whole = vocab / 64 * 64;
   v16 lanes[4];
   for (auto& l : lanes) l = v16{} - std::numeric_limits<float>::infinity();
   for (int64_t v = 0; v < whole; v += 64)
     for (int j = 0; j < 4; ++j) {
-      const v16 block = load16(x + v + 16 * j);
+      const v16 block = load<v16>(x + v + 16 * j);
       lanes[j] = block > lanes[j] ? block : lanes[j];
     }
   float peak = -std::numeric_limits<float>::infinity();
@@ -59,8 +59,8 @@ inline double row_loss(float* __restrict x, int64_t vocab, int64_t target, bool 
   v16 sums[4] = {};
   for (int64_t v = 0; v < whole; v += 64)
     for (int j = 0; j < 4; ++j) {
-      const v16 e = vwn::exp_nonpositive(load16(x + v + 16 * j) - peak);
-      if (to_exp) store16(x + v + 16 * j, e);
+      const v16 e = vwn::exp_nonpositive(load<v16>(x + v + 16 * j) - peak);
+      if (to_exp) store(x + v + 16 * j, e);
       sums[j] += e;
     }
   float sum = 0.0f;

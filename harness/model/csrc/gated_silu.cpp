@@ -19,8 +19,8 @@
 namespace {
 
 using at::Tensor;
-using vwn::load8;
-using vwn::store8;
+using vwn::load;
+using vwn::store;
 using vwn::v8;
 
 constexpr int64_t kGrainRows = 64;
@@ -57,7 +57,7 @@ Tensor gated_silu_forward(const Tensor& hidden) {
       const float* up = gate + width;
       float* o = O + r * width;
       int64_t c = 0;
-      for (; c + 8 <= width; c += 8) store8(o + c, gated(load8(gate + c), load8(up + c)));
+      for (; c + 8 <= width; c += 8) store(o + c, gated(load<v8>(gate + c), load<v8>(up + c)));
       for (; c < width; ++c) o[c] = gated(gate[c], up[c]);
     }
   });
@@ -85,9 +85,9 @@ Tensor gated_silu_backward(const Tensor& grad, const Tensor& hidden) {
       int64_t c = 0;
       for (; c + 8 <= width; c += 8) {
         v8 dg, du;
-        gated_gradient(load8(gate + c), load8(up + c), load8(g + c), dg, du);
-        store8(d_gate + c, dg);
-        store8(d_up + c, du);
+        gated_gradient(load<v8>(gate + c), load<v8>(up + c), load<v8>(g + c), dg, du);
+        store(d_gate + c, dg);
+        store(d_up + c, du);
       }
       for (; c < width; ++c) gated_gradient(gate[c], up[c], g[c], d_gate[c], d_up[c]);
     }

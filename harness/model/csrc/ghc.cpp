@@ -40,8 +40,8 @@
 namespace {
 
 using at::Tensor;
-using vwn::load16;
-using vwn::store16;
+using vwn::load;
+using vwn::store;
 using vwn::v16;
 
 constexpr int64_t kLanes = 16;  // tokens per tile
@@ -85,7 +85,7 @@ void to_lanes(const float* src, int64_t stride, int64_t count, int64_t width, v1
   if (count == kLanes) {
     for (; f0 + 16 <= width; f0 += 16) {
       v16 rows[16];
-      for (int l = 0; l < 16; ++l) rows[l] = load16(src + l * stride + f0);
+      for (int l = 0; l < 16; ++l) rows[l] = load<v16>(src + l * stride + f0);
       transpose16(rows);
       for (int c = 0; c < 16; ++c) lanes[f0 + c] = rows[c];
     }
@@ -105,7 +105,7 @@ void from_lanes(const v16* lanes, int64_t width, int64_t count, float* dst, int6
       v16 rows[16];
       for (int c = 0; c < 16; ++c) rows[c] = lanes[f0 + c];
       transpose16(rows);
-      for (int l = 0; l < 16; ++l) store16(dst + l * stride + f0, rows[l]);
+      for (int l = 0; l < 16; ++l) store(dst + l * stride + f0, rows[l]);
     }
   }
   for (int64_t f = f0; f < width; ++f)

@@ -86,9 +86,9 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& grad, const Tensor& x
       vwn::v8 dots{};
       int64_t c = 0;
       for (; c + 8 <= d; c += 8) {
-        const vwn::v8 g_x = vwn::load8(gr + c) * vwn::load8(xr + c);
-        dots += g_x * vwn::load8(W + c);
-        vwn::store8(sums + c, vwn::load8(sums + c) + g_x * r);
+        const vwn::v8 g_x = vwn::load<vwn::v8>(gr + c) * vwn::load<vwn::v8>(xr + c);
+        dots += g_x * vwn::load<vwn::v8>(W + c);
+        vwn::store(sums + c, vwn::load<vwn::v8>(sums + c) + g_x * r);
       }
       float dot = 0.0f;  // Σ ĝ ∘ x
       for (int lane = 0; lane < 8; ++lane) dot += dots[lane];

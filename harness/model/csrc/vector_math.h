@@ -13,27 +13,22 @@ namespace vwn {
 // remainder handling.
 typedef float v8 __attribute__((vector_size(32)));
 
-inline v8 load8(const float* p) {
-  v8 v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
-
 // count rounded up to whole eight-lane vectors
 inline int64_t whole_vectors(int64_t count) { return (count + 7) / 8 * 8; }
 
 // Sixteen lanes (one AVX-512 register, two AVX ones): the GHC kernels put one token in each lane.
 typedef float v16 __attribute__((vector_size(64)));
 
-inline v16 load16(const float* p) {
-  v16 v;
+// A vector V (v8 or v16) from p, and back; unaligned
+template <typename V>
+inline V load(const float* p) {
+  V v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+template <typename V>
+inline void store(float* p, V v) { __builtin_memcpy(p, &v, sizeof v); }
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef int32_t v16i __attribute__((vector_size(64)));
