@@ -167,12 +167,26 @@ def reference_losses(reference: dict[str, Any], run_id: str) -> dict[str, float 
     return final_losses(reference["launch"].grid_dir / run_id)
 
 
+def step_daemons_alive(job_id: str) -> bool:
+    """Whether any slurmstepd of the job still runs on this (the only) node: they title themselves
+    "slurmstepd: [<job>.<step>]"."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"slurmstepd: [{job_id}.".encode() in cmdline.read_bytes():
+                return True
+        except OSError:  # the process ended meanwhile
+            continue
+    return False
+
+
 def release_requeued(job_id: str, timeout_s: float = 60) -> None:
-    """SLURM holds a requeued job for a fixed 120 s before it may start again; lift the hold."""
+    """SLURM holds a requeued job for a fixed 120 s before it may start again; lift the hold once the first
+    attempt's step daemons have exited. (Lifted while the first attempt's srun was still terminating, the
+    second attempt started under the same job id and was killed at once, state FAILED, on 2026-11-30.)"""
     deadline = time.monotonic() + timeout_s
     while subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True,
-                         text=True).stdout.strip() != "PENDING BeginTime":
-        assert time.monotonic() < deadline, f"job {job_id} was not requeued"
+                         text=True).stdout.strip() != "PENDING BeginTime" or step_daemons_alive(job_id):
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued, or its first attempt never ended"
         time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
