@@ -124,9 +124,19 @@ struct Strided {
 using Lanes = Strided<v16>;
 using ConstLanes = Strided<const v16>;
 
+inline v16 broadcast(float x) { return v16{} + x; }
+
+// A strided matrix of floats, each element given to all sixteen lanes: the parameters, alike for every token,
+// held as floats rather than as broadcast vectors, so a tile's products keep 16x less of them in cache.
+struct Broadcast {
+  const float* p;
+  int64_t row, column;
+  v16 operator()(int64_t a, int64_t b) const { return broadcast(p[a * row + b * column]); }
+};
+
 // C[a0 : a0 + RA, b0 : b0 + RB] (+)= Σ_r A(a, r) ∘ B(r, b), lane by lane, the block's sums in registers
-template <int RA, int RB>
-__attribute__((always_inline)) inline void product_block(Lanes c, ConstLanes a, ConstLanes b, int64_t a0,
+template <int RA, int RB, typename B>
+__attribute__((always_inline)) inline void product_block(Lanes c, ConstLanes a, B b, int64_t a0,
                                                          int64_t b0, int64_t depth, bool accumulate) {
   v16 sum[RA][RB];
   for (int i = 0; i < RA; ++i)
@@ -147,25 +157,26 @@ constexpr int kBlock = 4;  // blocks of up to 4 x 4 sums, 4 + 4 operands: 24 of 
 // Rows [a0, a0 + RA) of C, all columns, a block of 4 at a time
 // NOTE: one call per row block, not per block: with n = 3 most products are 3 x d with a depth of 3 to 5, and
 // a call per 3 x 4 block (its set-up, spills and indirect jump) cost as much as the block's FMAs.
-template <int RA>
-void product_rows(Lanes c, ConstLanes a, ConstLanes b, int64_t a0, int64_t cols, int64_t depth, bool accumulate) {
+template <int RA, typename B>
+void product_rows(Lanes c, ConstLanes a, B b, int64_t a0, int64_t cols, int64_t depth, bool accumulate) {
   int64_t b0 = 0;
-  for (; b0 + kBlock <= cols; b0 += kBlock) product_block<RA, kBlock>(c, a, b, a0, b0, depth, accumulate);
+  for (; b0 + kBlock <= cols; b0 += kBlock) product_block<RA, kBlock, B>(c, a, b, a0, b0, depth, accumulate);
   switch (cols - b0) {
-    case 1: return product_block<RA, 1>(c, a, b, a0, b0, depth, accumulate);
-    case 2: return product_block<RA, 2>(c, a, b, a0, b0, depth, accumulate);
-    case 3: return product_block<RA, 3>(c, a, b, a0, b0, depth, accumulate);
+    case 1: return product_block<RA, 1, B>(c, a, b, a0, b0, depth, accumulate);
+    case 2: return product_block<RA, 2, B>(c, a, b, a0, b0, depth, accumulate);
+    case 3: return product_block<RA, 3, B>(c, a, b, a0, b0, depth, accumulate);
   }
 }
 
-// C (rows × cols) (+)= A (rows × depth) · B (depth × cols), lane by lane
-void product(Lanes c, ConstLanes a, ConstLanes b, int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
+// C (rows × cols) (+)= A (rows × depth) · B (depth × cols), lane by lane; B lanes or broadcast floats
+template <typename B>
+void product(Lanes c, ConstLanes a, B b, int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
   int64_t a0 = 0;
-  for (; a0 + kBlock <= rows; a0 += kBlock) product_rows<kBlock>(c, a, b, a0, cols, depth, accumulate);
+  for (; a0 + kBlock <= rows; a0 += kBlock) product_rows<kBlock, B>(c, a, b, a0, cols, depth, accumulate);
   switch (rows - a0) {
-    case 1: return product_rows<1>(c, a, b, a0, cols, depth, accumulate);
-    case 2: return product_rows<2>(c, a, b, a0, cols, depth, accumulate);
-    case 3: return product_rows<3>(c, a, b, a0, cols, depth, accumulate);
+    case 1: return product_rows<1, B>(c, a, b, a0, cols, depth, accumulate);
+    case 2: return product_rows<2, B>(c, a, b, a0, cols, depth, accumulate);
+    case 3: return product_rows<3, B>(c, a, b, a0, cols, depth, accumulate);
   }
 }
 
@@ -173,8 +184,8 @@ void product(Lanes c, ConstLanes a, ConstLanes b, int64_t rows, int64_t cols, in
 ConstLanes matrix(const v16* p, int64_t cols) { return {p, cols, 1}; }
 ConstLanes transposed(const v16* p, int64_t cols) { return {p, 1, cols}; }
 Lanes result(v16* p, int64_t cols) { return {p, cols, 1}; }
-
-v16 broadcast(float x) { return v16{} + x; }
+Broadcast parameters(const float* p, int64_t cols) { return {p, cols, 1}; }
+Broadcast parameters_transposed(const float* p, int64_t cols) { return {p, 1, cols}; }
 
 // ---- the coefficients ----
 
@@ -204,7 +215,7 @@ class Mixing {
   // A tile's state h (n × d lanes) -> its coefficients
   void forward(const v16* h, Coefficients& c) const {
     if (!dynamic) {
-      for (int64_t e = 0; e < n * width; ++e) c.coef[e] = static_[e];
+      for (int64_t e = 0; e < n * width; ++e) c.coef[e] = broadcast(static_[e]);
       return;
     }
     for (int64_t i = 0; i < n; ++i) {
@@ -219,7 +230,7 @@ class Mixing {
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) rstd[l] = mean_square[l] > 0.0f ? 1.0f / std::sqrt(mean_square[l]) : 0.0f;
     }
-    product(result(c.pre.data(), width), matrix(h, d), matrix(proj_.data(), width), n, width, d, false);
+    product(result(c.pre.data(), width), matrix(h, d), parameters(proj_.data(), width), n, width, d, false);
     for (int64_t i = 0; i < n; ++i)
       for (int64_t q = 0; q < width; ++q) {
         const int64_t e = i * width + q;
@@ -251,7 +262,7 @@ class Mixing {
       rstd_term *= c.rstd[i] * c.rstd[i] / static_cast<float>(d);
       for (int64_t ch = 0; ch < d; ++ch) grad_h[i * d + ch] -= rstd_term * h[i * d + ch];
     }
-    product(result(grad_h, d), matrix(g, width), transposed(proj_.data(), width), n, d, width, true);
+    product(result(grad_h, d), matrix(g, width), parameters_transposed(proj_.data(), width), n, d, width, true);
     product(result(sum_proj, width), transposed(h, d), matrix(g, width), d, width, n, true);
   }
 
@@ -283,18 +294,18 @@ class Mixing {
   const int64_t n, d, k, q0, width;
 
  private:
-  // contiguous (rows, k) -> its columns [q0, q0 + width) as broadcast lanes, (rows × width)
-  std::vector<v16> columns(const Tensor& t) const {
+  // contiguous (rows, k) -> its columns [q0, q0 + width), (rows × width)
+  std::vector<float> columns(const Tensor& t) const {
     const int64_t rows = t.size(0);
     const float* T = t.data_ptr<float>();
-    std::vector<v16> out(rows * width);
+    std::vector<float> out(rows * width);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t q = 0; q < width; ++q) out[r * width + q] = broadcast(T[r * k + q0 + q]);
+      for (int64_t q = 0; q < width; ++q) out[r * width + q] = T[r * k + q0 + q];
     return out;
   }
 
   const float eps_;
-  std::vector<v16> static_, scale_, proj_;
+  std::vector<float> static_, scale_, proj_;
 };
 
 // A thread's buffers for its tiles: the coefficients, and lane matrices of the given sizes.
