@@ -7,7 +7,8 @@ For each config and virtual width (m, n) it times the training step exactly as `
     mfu                  3 · forward FLOPs per token (`accounting`) · tokens_per_s / matmul rate,
                          the matmul rate being a large fp32 `torch.mm` measured in the same process,
                          before and after the timed steps (the faster of the two)
-    overhead_measured    step time / step time at r = 1 - 1     (0.20 = +20 %)
+    overhead_measured    median of step time / step time at r = 1 - 1 (0.20 = +20 %), each ratio of two steps
+                         run back to back (`time_paired`); with the ratios' quartiles
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
                          (mm, bmm, addmm, baddbmm and the MoE's grouped products, recorded with shapes
@@ -25,10 +26,10 @@ For each config and virtual width (m, n) it times the training step exactly as `
                          head, LM head calls, losses), mtp (the MTP module, its LM head call
                          excepted), optimizer (clipping, AdamW, schedule), other (unattributed)
 
-r = 1 is always the plain transformer (m = n = 1), the reference of the overheads. The widths are
-timed round-robin (a few steps of each in turn), so a change of machine load during the benchmark
-shifts every width alike instead of biasing the overheads. A MoE check times one MoE layer against
-a dense SwiGLU of equal active FLOPs (hidden width top_k · d_ff), forward + backward.
+r = 1 is always the plain transformer (m = n = 1), the reference of the overheads. Each width is timed in
+pairs with it (an r = 1 step, then the width's), a few pairs in turn per width and round, so a change of
+machine load shifts both steps of a pair alike instead of biasing the overheads. A MoE check times one
+MoE layer against a dense SwiGLU of equal active FLOPs (hidden width top_k · d_ff), forward + backward.
 
     vwn bench --quick                    # tiny reference config only, CI smoke test (< 2 min)
     vwn bench --m 2 8 --out bench/       # tiny and small configs, r in {1, 1.5, 2, 4, 8} at m = 2 and 8
@@ -404,17 +405,52 @@ def profile_step(step: TrainingStep, breakdown: bool, attempts: int = 2
     return fractions, step.state_bytes() + peak, recorder.calls
 
 
-def time_round_robin(steps: list[TrainingStep], rounds: int, per_round: int) -> list[float]:
-    """Median step seconds of each step function, timed `per_round` steps at a time in `rounds` rounds."""
-    times: list[list[float]] = [[] for _ in steps]
+@dataclasses.dataclass
+class PairedTimes:
+    """Step seconds of each width, and each width's step-time ratios to the r = 1 step timed next to it."""
+
+    seconds: list[list[float]]  # per step function
+    ratios: list[list[float]]  # per step function; [1.0] for the reference itself
+
+    def median_seconds(self, i: int) -> float:
+        return statistics.median(self.seconds[i])
+
+    def overhead(self, i: int) -> float:
+        """The median of step i's paired ratios, minus one (0.20 = +20 %)."""
+        return statistics.median(self.ratios[i]) - 1
+
+    def overhead_quartiles(self, i: int) -> list[float]:
+        ratios = self.ratios[i] * 2 if len(self.ratios[i]) == 1 else self.ratios[i]  # quantiles() wants two
+        first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+        return [first - 1, third - 1]
+
+
+def time_paired(steps: list[TrainingStep], rounds: int, pairs_per_round: int) -> PairedTimes:
+    """Times every width against the reference steps[0]: in each of `rounds` rounds, each width in turn runs
+    `pairs_per_round` pairs of (reference step, width step) back to back.
+
+    NOTE: a ratio of two adjacent steps cancels the machine's drift, which the ratio of two medians taken
+    minutes apart does not: here one run's r = 1 step came out 14 % faster than the run before's while its
+    wider steps came out 7-10 % slower."""
+    seconds: list[list[float]] = [[] for _ in steps]
+    ratios: list[list[float]] = [[1.0]] + [[] for _ in steps[1:]]
+
+    def timed(i: int) -> float:
+        started = time.perf_counter()
+        steps[i]()
+        seconds[i].append(time.perf_counter() - started)
+        return seconds[i][-1]
+
     for _ in range(rounds):
-        for step, seconds in zip(steps, times, strict=True):
-            step()  # re-warm caches after the other widths ran
-            for _ in range(per_round):
-                started = time.perf_counter()
-                step()
-                seconds.append(time.perf_counter() - started)
-    return [statistics.median(s) for s in times]
+        for i in range(1, len(steps)):
+            steps[i]()  # re-warm its caches after the other widths ran
+            for _ in range(pairs_per_round):
+                reference = timed(0)
+                ratios[i].append(timed(i) / reference)
+    if len(steps) == 1:  # nothing to pair with
+        for _ in range(rounds * pairs_per_round):
+            timed(0)
+    return PairedTimes(seconds, ratios)
 
 
 def moe_vs_dense(config: RunConfig, repeats: int = 15) -> dict[str, float]:
@@ -463,12 +499,13 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], rou
     configs = [with_width(config, pair) for pair in pairs]
     steps = [TrainingStep(c, compile) for c in configs]
     first_step = [median_seconds(step, 1) for step in steps]  # allocations, optimizer state, compilation
-    seconds = time_round_robin(steps, rounds, per_round)
+    times = time_paired(steps, rounds, per_round)
     flops = [accounting.flops_per_token(c.model)["total"] for c in configs]
     fused = [fused_ghc_flops_per_token(c) for c in configs]
-    base_seconds, base_flops = seconds[0], flops[0]
+    base_flops = flops[0]
     runs = []
-    for c, step, first, s, f, f_fused in zip(configs, steps, first_step, seconds, flops, fused, strict=True):
+    for i, (c, step, first, f, f_fused) in enumerate(zip(configs, steps, first_step, flops, fused, strict=True)):
+        s = times.median_seconds(i)
         fractions, peak, calls = profile_step(step, breakdown=not compile)
         matmul_s = matmul_seconds(calls)
         release_freed_memory()
@@ -486,7 +523,9 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], rou
             "matmul_call_flops_per_s": 3 * (f - f_fused) * step.tokens / matmul_s,
             "matmul_ms": 1e3 * matmul_s,
             "matmul_gflop": sum(count * matmul_flops(call) for call, count in calls.items()) / 1e9,
-            "overhead_measured": s / base_seconds - 1,
+            "overhead_measured": times.overhead(i),
+            "overhead_measured_quartiles": times.overhead_quartiles(i),
+            "timed_pairs": len(times.ratios[i]) if i else 0,
             "overhead_predicted": f / base_flops - 1,
             # what the width's extra matmul calls alone add to the r = 1 step, each at its standalone speed
             "overhead_matmul_floor": (1e3 * matmul_s - runs[0]["matmul_ms"]) / runs[0]["step_ms"] if runs else 0.0,
@@ -499,13 +538,14 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], rou
 
 def format_table(result: dict) -> str:
     """Markdown table of the runs, then the matmul rate and MoE checks."""
-    head = ("| config | (m, n) | r | tokens/s | step ms | MFU | MFU ceiling | overhead meas. | overhead pred. | "
-            "overhead matmul floor | peak MB | first step s | " + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
+    head = ("| config | (m, n) | r | tokens/s | step ms | MFU | MFU ceiling | overhead meas. (quartiles) | "
+            "overhead pred. | overhead matmul floor | peak MB | first step s | "
+            + " | ".join(f"{k} ms" for k in COMPONENTS) + " |")
     lines = [head, "|" + "---|" * (12 + len(COMPONENTS))]
     for run in result["runs"]:
         parts = [run["config"], f"({run['m']}, {run['n']})", f"{run['r']:g}", f"{run['tokens_per_s']:,.0f}",
                  f"{run['step_ms']:.1f}", f"{run['mfu']:.1%}", f"{run['mfu_ceiling']:.1%}",
-                 f"{run['overhead_measured']:+.1%}",
+                 "{:+.1%} ({:+.1%}, {:+.1%})".format(run["overhead_measured"], *run["overhead_measured_quartiles"]),
                  f"{run['overhead_predicted']:+.1%}", f"{run['overhead_matmul_floor']:+.1%}",
                  f"{run['peak_mem_bytes'] / 2**20:,.0f}",
                  f"{run['first_step_s']:.1f}"]
@@ -540,8 +580,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--m", nargs="+", type=int, default=[2], help="backbone splits m to pair with each r (default: 2)")
     p.add_argument("--r", nargs="+", type=float, default=list(WIDTH_FACTORS), help="virtual width factors n/m")
     p.add_argument("--quick", action="store_true", help="tiny config only, fewer timed steps (CI smoke test)")
-    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the widths (default: 3)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per width and round (default: 4)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the widths (default: 3)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed pairs (r = 1 step, width's step) per width and round (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each model in place (MoE layers stay eager); no time breakdown")

@@ -27,6 +27,30 @@ def test_widths_put_the_plain_transformer_first_and_skip_fractional_slots():
     assert bench.widths([4.0], [8]) == [(1, 1), (8, 32)]
 
 
+def test_paired_overheads_cancel_a_machine_that_slows_down(monkeypatch):
+    """Steps of 100, 120 and 150 time units on a machine 1 % slower at every step: each pair's ratio stays at
+    the true overhead, where the ratio of medians, the later widths timed in a slower machine, does not."""
+    clock = {"now": 0.0, "calls": 0}
+
+    def step_of(units: float):
+        def step() -> None:
+            clock["now"] += units * (1 + 0.01 * clock["calls"])
+            clock["calls"] += 1
+        return step
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    times = bench.time_paired([step_of(100), step_of(120), step_of(150)], rounds=2, pairs_per_round=3)
+
+    assert [len(s) for s in times.seconds] == [12, 6, 6] and [len(r) for r in times.ratios] == [1, 6, 6]
+    assert times.overhead(0) == 0.0
+    # off by at most the one step's drift between the two steps of a pair (1.2 · 1.01 = 1.212, 1.5 · 1.01 = 1.515)
+    assert 0.20 < times.overhead(1) < 0.212 and 0.50 < times.overhead(2) < 0.515
+    low, high = times.overhead_quartiles(2)
+    assert 0.50 < low <= times.overhead(2) <= high < 0.515
+    naive = times.median_seconds(2) / times.median_seconds(0) - 1
+    assert naive > 0.55
+
+
 def test_tiny_is_the_quickstart_base_and_small_is_larger():
     tiny, small = bench.reference_config("tiny"), bench.reference_config("small")
     assert tiny.model.virtual_width == (1, 1)
@@ -123,6 +147,9 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         assert run["mfu"] == pytest.approx(3 * run["flops_per_token"] * run["tokens_per_s"] / 2e10)
         assert sum(run["breakdown_ms"].values()) == pytest.approx(run["step_ms"])
     assert runs[0]["overhead_measured"] == runs[0]["overhead_predicted"] == runs[0]["overhead_matmul_floor"] == 0.0
+    for run in runs[1:]:  # one round of two (r = 1 step, width's step) pairs
+        low, high = run["overhead_measured_quartiles"]
+        assert run["timed_pairs"] == 2 and low <= run["overhead_measured"] <= high
     for run in runs[1:]:  # the width's extra calls (reduce head, MTP merge); the floor: their time over r = 1's step
         assert run["matmul_gflop"] > runs[0]["matmul_gflop"]  # (that time, microseconds here, is within the noise)
         assert run["overhead_matmul_floor"] == pytest.approx(
