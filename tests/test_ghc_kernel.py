@@ -87,13 +87,18 @@ def test_fused_kernels_follow_a_non_contiguous_state():
 
 
 def test_the_ops_reject_operands_they_cannot_take():
-    static = torch.randn(3, 7)
+    a, b = torch.randn(3, 5), torch.randn(2, 3)  # A (n, m + n), B (m, n) for m = 2, n = 3
+    read = torch.ops.vwn_ghc.read_forward
     with pytest.raises(RuntimeError, match="h must be a contiguous float32 CPU tensor of 4 dims"):
-        torch.ops.vwn_ghc.read_forward(torch.randn(1, 3, 32, 16, dtype=torch.float64), static, None, None, 2, 8, 1e-6)
+        read(torch.randn(1, 3, 32, 16, dtype=torch.float64), a, b, None, None, 1.0, 8, 1e-6)
     with pytest.raises(RuntimeError, match=r"h must be lane tiles \(tiles, n, d, 16\)"):
-        torch.ops.vwn_ghc.read_forward(torch.randn(1, 3, 32, 8), static, None, None, 2, 8, 1e-6)
+        read(torch.randn(1, 3, 32, 8), a, b, None, None, 1.0, 8, 1e-6)
     with pytest.raises(RuntimeError, match="40 tokens of 2 x 32 for 1 tiles"):
-        torch.ops.vwn_ghc.read_forward(torch.randn(1, 3, 32, 16), static, None, None, 2, 40, 1e-6)
+        read(torch.randn(1, 3, 32, 16), a, b, None, None, 1.0, 40, 1e-6)
+    with pytest.raises(RuntimeError, match=r"A must be \(n, m \+ n\) and B \(m, n\), got \[3, 5\] and \[3, 2\]"):
+        read(torch.randn(1, 3, 32, 16), a, b.T.contiguous(), None, None, 1.0, 8, 1e-6)
+    with pytest.raises(RuntimeError, match=r"proj must be \(32, 7\) and scale \(3, 7\), got \[32, 5\]"):
+        read(torch.randn(1, 3, 32, 16), a, b, torch.randn(32, 5), torch.randn(3, 7), 1.0, 8, 1e-6)
 
 
 def test_other_dtypes_take_the_reference_path():
@@ -111,11 +116,11 @@ def test_the_kernels_tanh_is_accurate_to_fp32_rounding():
     limit = 12.0
     b = torch.cat([torch.linspace(-30.0, 30.0, 20001), torch.linspace(-0.01, 0.01, 2001)]).double()
     h = torch.stack([torch.ones_like(b), b], dim=-1).unsqueeze(1)  # (tokens, n = 1, d = 2)
-    proj = torch.zeros(2, 3, dtype=torch.float64)
-    proj[1, 0] = limit
-    static, scale = torch.zeros(1, 3), torch.ones(1, 3)
+    proj = torch.zeros(2, 3)
+    proj[1, 0] = 2 * limit  # over the temperature 2
+    a, b_static, scale = torch.zeros(1, 2), torch.zeros(1, 1), torch.ones(1, 3)  # m = n = 1
     tiles = torch.ops.vwn_ghc.to_tiles(h.float())
-    x = torch.ops.vwn_ghc.read_forward(tiles, static, proj.float(), scale, 1, len(b), 0.0)[:, 0, 0].double()
+    x = torch.ops.vwn_ghc.read_forward(tiles, a, b_static, proj, scale, 2.0, len(b), 0.0)[:, 0, 0].double()
     argument = limit * b * torch.sqrt(2.0 / (1.0 + b.square()))
     want = torch.tanh(argument)
     assert argument.abs().max() > 9.0  # saturation

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch._dynamo.utils
 import yaml
+from test_launch import corpus_text
 
 from harness.config import load_run_config
 from harness.train import run_training
@@ -26,10 +27,9 @@ LOSS_COLUMNS = ["train/loss_ntp", "train/loss_next2", "val/loss_ntp", "val/loss_
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> tuple[Path, Path]:
-    """A small real-text corpus (this repository's Python sources) and a private cache folder."""
+    """A small real-text corpus (`corpus_text`) and a private cache folder."""
     root = tmp_path_factory.mktemp("corpus")
-    sources = sorted(Path(__file__).resolve().parents[1].glob("harness/**/*.py"))
-    (root / "text.txt").write_text("\n\n".join(p.read_text() for p in sources) * 3)
+    (root / "text.txt").write_text(corpus_text())
     return root / "text.txt", root / "cache"
 
 

@@ -121,29 +121,27 @@ class GeneralizedHyperConnection(nn.Module):
             self.coeff_scale = nn.Parameter(torch.ones(n, 2 * m + n))
         self.temperature = math.sqrt(self.d_slot)
 
-    def coefficient_parameters(self) -> ghc_kernel.MixingParameters:
-        """Static [A | Bᵀ] (n, 2m+n); for DGHC the projection W / τ (d_b, 2m+n) and scale S (n, 2m+n), else None."""
-        static = torch.cat([self.static_a, self.static_b.T], dim=1)
-        if not self.dynamic:
-            return ghc_kernel.MixingParameters(static, None, None)
-        return ghc_kernel.MixingParameters(static, self.coeff_proj / self.temperature, self.coeff_scale)
+    def kernel_parameters(self) -> ghc_kernel.MixingParameters:
+        """The parameters as the fused kernels take them: as they are, the kernels build [A | Bᵀ] and W / τ."""
+        proj, scale = (self.coeff_proj, self.coeff_scale) if self.dynamic else (None, None)
+        return ghc_kernel.MixingParameters(self.static_a, self.static_b, proj, scale, self.temperature)
 
     def mixing(self, h: torch.Tensor) -> torch.Tensor:
         """All mixing coefficients for state h (..., n, d_b), in fp32 or wider: (..., n, 2m+n), where row i holds
         [A[i, :] | B[:, i]], everything that depends on slot i. Static GHC returns the (n, 2m+n) parameters."""
-        static, proj, scale = self.coefficient_parameters()
+        static = torch.cat([self.static_a, self.static_b.T], dim=1)
         if not self.dynamic:
             return static
         with torch.autocast(h.device.type, enabled=False):  # coefficient maths in fp32, even under autocast
             h = h.to(torch.promote_types(h.dtype, torch.float32))
-            return _DynamicMixing.apply(h, proj, scale, static, self.eps)
+            return _DynamicMixing.apply(h, self.coeff_proj / self.temperature, self.coeff_scale, static, self.eps)
 
     def read(self, h: State) -> tuple[torch.Tensor, Mixing | None]:
         """h (batch, seq, n, d_b) or its lane tiles -> sublayer input x (batch, seq, D), and what `write` needs: the
         carry and Bᵀ, or, for lane tiles (the fused kernels), the parameters they recompute the coefficients from."""
         if isinstance(h, ghc_kernel.LaneTiles):
-            parameters = self.coefficient_parameters()
-            return ghc_kernel.fused_read(h, *parameters, self.m, self.eps), parameters
+            parameters = self.kernel_parameters()
+            return ghc_kernel.fused_read(h, parameters, self.eps), parameters
         if self.is_residual:
             return h.flatten(-2), None
         a, b_t = self.mixing(h).to(h.dtype).split([self.m + self.n, self.m], dim=-1)  # A, Bᵀ
@@ -156,7 +154,7 @@ class GeneralizedHyperConnection(nn.Module):
         """State h (batch, seq, n, d_b) or its lane tiles and sublayer output z (batch, seq, D) -> new state, in h's
         layout."""
         if isinstance(h, ghc_kernel.LaneTiles):
-            return ghc_kernel.fused_write(h, z.to(h.data.dtype), *mix, self.eps)
+            return ghc_kernel.fused_write(h, z.to(h.data.dtype), mix, self.eps)
         if self.is_residual:
             return h + z.view_as(h)
         carry, b_t = mix  # Âᵀ H (batch, seq, n, d_b); Bᵀ (batch, seq, n, m), or (n, m) if static

@@ -18,11 +18,13 @@ LANES = 16  # tokens per tile
 
 
 class MixingParameters(NamedTuple):
-    """What the kernels compute a GHC's coefficients from (see `fused_read`)."""
+    """What the kernels compute a GHC's coefficients from, as its module holds them (see `fused_read`)."""
 
-    static: torch.Tensor  # [A | Bᵀ] (n, 2m+n)
-    proj: torch.Tensor | None  # W / τ (d_b, 2m+n); None for a static GHC
+    static_a: torch.Tensor  # A = [Å | Â] (n, m+n)
+    static_b: torch.Tensor  # B (m, n)
+    proj: torch.Tensor | None  # W (d_b, 2m+n); None for a static GHC
     scale: torch.Tensor | None  # S (n, 2m+n); None for a static GHC
+    temperature: float  # τ, which W is divided by
 
 
 class LaneTiles(NamedTuple):
@@ -36,10 +38,10 @@ class LaneTiles(NamedTuple):
 def _register_fake_kernels() -> None:
     """Shapes of the ops' outputs, for torch.compile (which traces with fake tensors)."""
 
-    def parameter_gradients(static, proj, scale):
+    def projection_gradients(a, proj, scale):
         dynamic = proj is not None
-        return (torch.empty_like(static), torch.empty_like(proj) if dynamic else static.new_empty(0),
-                torch.empty_like(scale) if dynamic else static.new_empty(0))
+        return (torch.empty_like(proj) if dynamic else a.new_empty(0),
+                torch.empty_like(scale) if dynamic else a.new_empty(0))
 
     @torch.library.register_fake("vwn_ghc::to_tiles")
     def _(x):
@@ -50,29 +52,29 @@ def _register_fake_kernels() -> None:
         return tiles.new_empty(tokens, tiles.shape[1], tiles.shape[2])
 
     @torch.library.register_fake("vwn_ghc::read_forward")
-    def _(h, static, proj, scale, m, tokens, eps):
-        return h.new_empty(tokens, m, h.shape[2])
+    def _(h, a, b, proj, scale, temperature, tokens, eps):
+        return h.new_empty(tokens, b.shape[0], h.shape[2])
 
     @torch.library.register_fake("vwn_ghc::read_backward")
-    def _(h, static, proj, scale, eps, grad_x):
-        return torch.empty_like(h), *parameter_gradients(static, proj, scale)
+    def _(h, a, b, proj, scale, temperature, eps, grad_x):
+        return torch.empty_like(h), torch.empty_like(a), *projection_gradients(a, proj, scale)
 
     @torch.library.register_fake("vwn_ghc::write_forward")
-    def _(h, z, static, proj, scale, eps):
+    def _(h, z, a, b, proj, scale, temperature, eps):
         return torch.empty_like(h)
 
     @torch.library.register_fake("vwn_ghc::write_backward")
-    def _(h, z, static, proj, scale, eps, grad):
-        return torch.empty_like(h), torch.empty_like(z), *parameter_gradients(static, proj, scale)
+    def _(h, z, a, b, proj, scale, temperature, eps, grad):
+        return (torch.empty_like(h), torch.empty_like(z), torch.empty_like(a), torch.empty_like(b),
+                *projection_gradients(a, proj, scale))
 
 
 cpu_kernels.on_build(_register_fake_kernels)
 
 
-def _parameter_gradients(proj: torch.Tensor | None, grad_static: torch.Tensor, grad_proj: torch.Tensor,
-                         grad_scale: torch.Tensor) -> tuple:
+def _projection_gradients(proj: torch.Tensor | None, grad_proj: torch.Tensor, grad_scale: torch.Tensor) -> tuple:
     """A static GHC (proj None) has no projection or scale: the ops return empty tensors for those."""
-    return (grad_static, grad_proj, grad_scale) if proj is not None else (grad_static, None, None)
+    return (grad_proj, grad_scale) if proj is not None else (None, None)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -115,54 +117,43 @@ def from_tiles(state: LaneTiles) -> torch.Tensor:
 
 class _Read(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, static: torch.Tensor, proj: torch.Tensor | None, scale: torch.Tensor | None,
-                m: int, tokens: int, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(h, static, proj, scale)
-        ctx.eps = eps
-        return torch.ops.vwn_ghc.read_forward(h, static, proj, scale, m, tokens, eps)
+    def forward(ctx, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, proj: torch.Tensor | None,
+                scale: torch.Tensor | None, temperature: float, tokens: int, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(h, a, b, proj, scale)
+        ctx.temperature, ctx.eps = temperature, eps
+        return torch.ops.vwn_ghc.read_forward(h, a, b, proj, scale, temperature, tokens, eps)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor) -> tuple:
-        h, static, proj, scale = ctx.saved_tensors
-        grad_h, *params = torch.ops.vwn_ghc.read_backward(h, static, proj, scale, ctx.eps, grad_x.contiguous())
-        return grad_h, *_parameter_gradients(proj, *params), None, None, None
+        h, a, b, proj, scale = ctx.saved_tensors
+        grad_h, grad_a, *grads = torch.ops.vwn_ghc.read_backward(h, a, b, proj, scale, ctx.temperature, ctx.eps,
+                                                                 grad_x.contiguous())
+        return grad_h, grad_a, None, *_projection_gradients(proj, *grads), None, None, None
 
 
 class _Write(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, z: torch.Tensor, static: torch.Tensor, proj: torch.Tensor | None,
-                scale: torch.Tensor | None, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(h, z, static, proj, scale)
-        ctx.eps = eps
-        return torch.ops.vwn_ghc.write_forward(h, z, static, proj, scale, eps)
+    def forward(ctx, h: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, proj: torch.Tensor | None,
+                scale: torch.Tensor | None, temperature: float, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(h, z, a, b, proj, scale)
+        ctx.temperature, ctx.eps = temperature, eps
+        return torch.ops.vwn_ghc.write_forward(h, z, a, b, proj, scale, temperature, eps)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        h, z, static, proj, scale = ctx.saved_tensors
-        grad_h, grad_z, *params = torch.ops.vwn_ghc.write_backward(h, z, static, proj, scale, ctx.eps, _aligned(grad))
-        return grad_h, grad_z, *_parameter_gradients(proj, *params), None
+        h, z, a, b, proj, scale = ctx.saved_tensors
+        grad_h, grad_z, grad_a, grad_b, *grads = torch.ops.vwn_ghc.write_backward(
+            h, z, a, b, proj, scale, ctx.temperature, ctx.eps, _aligned(grad))
+        return grad_h, grad_z, grad_a, grad_b, *_projection_gradients(proj, *grads), None, None
 
 
-def fused_read(h: LaneTiles, static: torch.Tensor, proj: torch.Tensor | None, scale: torch.Tensor | None,
-               m: int, eps: float) -> torch.Tensor:
-    """State h (lane tiles of (..., n, d_b)) -> sublayer input x (..., m·d_b).
-
-    static (n, 2m+n) = [A | Bᵀ]; proj W (d_b, 2m+n) with the temperature folded in and scale S (n, 2m+n),
-    both None for a static GHC."""
-    tokens = h.shape[:-2].numel()
-    x = _Read.apply(_aligned(h.data), static.contiguous(), _maybe_contiguous(proj), _maybe_contiguous(scale), m,
-                    tokens, eps)
+def fused_read(h: LaneTiles, parameters: MixingParameters, eps: float) -> torch.Tensor:
+    """State h (lane tiles of (..., n, d_b)) -> sublayer input x (..., m·d_b)."""
+    x = _Read.apply(_aligned(h.data), *parameters, h.shape[:-2].numel(), eps)
     return x.view(*h.shape[:-2], -1)
 
 
-def fused_write(h: LaneTiles, z: torch.Tensor, static: torch.Tensor, proj: torch.Tensor | None,
-                scale: torch.Tensor | None, eps: float) -> LaneTiles:
+def fused_write(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps: float) -> LaneTiles:
     """State h (lane tiles of (..., n, d_b)) and sublayer output z (..., m·d_b) -> new state, as lane tiles."""
     z = z.reshape(h.shape[:-2].numel(), -1, h.shape[-1]).contiguous()
-    new = _Write.apply(_aligned(h.data), z, static.contiguous(), _maybe_contiguous(proj), _maybe_contiguous(scale),
-                       eps)
-    return LaneTiles(new, h.shape)
-
-
-def _maybe_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
+    return LaneTiles(_Write.apply(_aligned(h.data), z, *parameters, eps), h.shape)

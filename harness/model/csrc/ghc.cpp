@@ -3,9 +3,10 @@
 // file on first use, harness/model/ghc_kernel.py wraps the four ops in autograd functions.
 //
 // T tokens, n slots of width d, m read slots, k = 2m + n coefficients per slot: row i of a token's
-// coefficients is [A[i, :] | B[:, i]] = [Å[i, :] (m) | Â[i, :] (n) | Bᵀ[i, :] (m)].
+// coefficients is [A[i, :] | B[:, i]] = [Å[i, :] (m) | Â[i, :] (n) | Bᵀ[i, :] (m)]. The ops take the parameters
+// as the module holds them, A (n, m + n), B (m, n), W (d, k) and S (n, k), and the temperature τ.
 //
-//   read:   coef = static + scale ∘ tanh(rstd · H W)   (dynamic; static alone otherwise)
+//   read:   coef = [A | Bᵀ] + S ∘ tanh(rstd · H W / τ)   (dynamic; [A | Bᵀ] alone otherwise)
 //           X[j] = Σ_i coef[i, j] H[i]                 j < m
 //   write:  H⁺[j] = Σ_i coef[i, m + j] H[i] + Σ_l coef[j, m + n + l] Z[l]
 //
@@ -195,21 +196,49 @@ struct Coefficients {
   Coefficients(int64_t n, int64_t width) : rstd(n), pre(n * width), act(n * width), coef(n * width) {}
 };
 
+// A GHC's parameters as its module holds them: A = [Å | Â] (n, m + n), B (m, n), and if dynamic W (d, k) and
+// S (n, k), and the temperature τ that W is divided by.
+// NOTE: taken apart, not as the torch path's [A | Bᵀ] and W / τ: the concatenation, transpose and division, each
+// with its autograd node, cost a (2, 3) read + write forward + backward 0.26-0.46 ms of 0.9-1.5.
+struct Parameters {
+  const Tensor& a;
+  const Tensor& b;
+  const std::optional<Tensor>& proj;
+  const std::optional<Tensor>& scale;
+  double temperature;
+};
+
+// Gradients of the parameters, zero outside an op's column range; proj and scale empty if static.
+struct ParameterGradients {
+  Tensor a, b, proj, scale;
+};
+
 // The coefficients of one column range [q0, q0 + width) of every slot's row [Å[i, :] | Â[i, :] | Bᵀ[i, :]] (read:
 // the m columns of Å; write: the n + m of Â and Bᵀ), computed from a tile's state whenever they are needed.
 class Mixing {
  public:
-  Mixing(const Tensor& static_coef, const std::optional<Tensor>& proj, const std::optional<Tensor>& scale,
-         int64_t d, double eps, int64_t q0, int64_t width)
-      : dynamic(proj.has_value()), n(static_coef.size(0)), d(d), k(static_coef.size(1)), q0(q0), width(width),
+  Mixing(const Parameters& p, int64_t d, double eps, int64_t q0, int64_t width)
+      : dynamic(p.proj.has_value()), n(p.a.size(0)), m(p.b.size(0)), d(d), k(2 * m + n), q0(q0), width(width),
         eps_(static_cast<float>(eps)) {
-    check_input(static_coef, "static", 2);
-    static_ = columns(static_coef);
+    check_input(p.a, "A", 2);
+    check_input(p.b, "B", 2);
+    TORCH_CHECK(p.a.size(1) == m + n && p.b.size(1) == n, "vwn_ghc: A must be (n, m + n) and B (m, n), got ",
+                p.a.sizes(), " and ", p.b.sizes());
+    const float* A = p.a.data_ptr<float>();
+    const float* B = p.b.data_ptr<float>();
+    static_ = columns(n, [&](int64_t i, int64_t c) { return c < m + n ? A[i * (m + n) + c] : B[(c - m - n) * n + i]; });
     if (!dynamic) return;
-    check_input(*proj, "proj", 2);
-    check_input(*scale, "scale", 2);
-    scale_ = columns(*scale);
-    proj_ = columns(*proj);
+    TORCH_CHECK(p.scale.has_value(), "vwn_ghc: a dynamic GHC needs both proj and scale");
+    check_input(*p.proj, "proj", 2);
+    check_input(*p.scale, "scale", 2);
+    TORCH_CHECK(p.proj->size(0) == d && p.proj->size(1) == k && p.scale->size(0) == n && p.scale->size(1) == k,
+                "vwn_ghc: proj must be (", d, ", ", k, ") and scale (", n, ", ", k, "), got ", p.proj->sizes(), " and ",
+                p.scale->sizes());
+    const float* W = p.proj->data_ptr<float>();
+    const float* S = p.scale->data_ptr<float>();
+    inverse_temperature_ = static_cast<float>(1.0 / p.temperature);
+    proj_ = columns(d, [&](int64_t r, int64_t c) { return W[r * k + c] * inverse_temperature_; });
+    scale_ = columns(n, [&](int64_t i, int64_t c) { return S[i * k + c]; });
   }
 
   // A tile's state h (n × d lanes) -> its coefficients
@@ -269,42 +298,50 @@ class Mixing {
   // Lanes of this thread's parameter sums: [static (n × width) | scale (n × width) | W (d × width)]
   int64_t sum_lanes() const { return dynamic ? (2 * n + d) * width : n * width; }
 
-  // The per-thread sums -> gradients of static (n, k), and if dynamic of proj (d, k) and scale (n, k), zero outside
-  // this column range (empty tensors if static)
-  std::tuple<Tensor, Tensor, Tensor> gradients(const vwn::ThreadRows& sums, const Tensor& like) const {
+  // The per-thread sums -> the parameters' gradients
+  ParameterGradients gradients(const vwn::ThreadRows& sums, const Tensor& like) const {
     auto total = [&](int64_t lanes_offset) {
       float sum = 0.0f;
       for (int l = 0; l < kLanes; ++l) sum += sums.total(lanes_offset * kLanes + l);
       return sum;
     };
-    auto fill = [&](Tensor t, int64_t rows, int64_t offset) {
+    ParameterGradients g{at::zeros({n, m + n}, like.options()), at::zeros({m, n}, like.options()),
+                         at::empty({0}, like.options()), at::empty({0}, like.options())};
+    float* GA = g.a.data_ptr<float>();
+    float* GB = g.b.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t q = 0; q < width; ++q) {
+        const int64_t c = q0 + q;
+        (c < m + n ? GA[i * (m + n) + c] : GB[(c - m - n) * n + i]) = total(i * width + q);
+      }
+    if (!dynamic) return g;
+    auto fill = [&](int64_t rows, int64_t offset, float factor) {
+      Tensor t = at::zeros({rows, k}, like.options());
       float* out = t.data_ptr<float>();
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t q = 0; q < width; ++q) out[r * k + q0 + q] = total(offset + r * width + q);
+        for (int64_t q = 0; q < width; ++q) out[r * k + q0 + q] = total(offset + r * width + q) * factor;
       return t;
     };
-    Tensor grad_static = fill(at::zeros({n, k}, like.options()), n, 0);
-    if (!dynamic) return {grad_static, at::empty({0}, like.options()), at::empty({0}, like.options())};
-    Tensor grad_scale = fill(at::zeros({n, k}, like.options()), n, n * width);
-    Tensor grad_proj = fill(at::zeros({d, k}, like.options()), d, 2 * n * width);
-    return {grad_static, grad_proj, grad_scale};
+    g.scale = fill(n, n * width, 1.0f);
+    g.proj = fill(d, 2 * n * width, inverse_temperature_);  // the sums are of W / τ's gradient
+    return g;
   }
 
   const bool dynamic;
-  const int64_t n, d, k, q0, width;
+  const int64_t n, m, d, k, q0, width;
 
  private:
-  // contiguous (rows, k) -> its columns [q0, q0 + width), (rows × width)
-  std::vector<float> columns(const Tensor& t) const {
-    const int64_t rows = t.size(0);
-    const float* T = t.data_ptr<float>();
+  // Columns [q0, q0 + width) of a (rows, k) matrix given elementwise by value(row, column), (rows × width)
+  template <typename Value>
+  std::vector<float> columns(int64_t rows, const Value& value) const {
     std::vector<float> out(rows * width);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t q = 0; q < width; ++q) out[r * width + q] = T[r * k + q0 + q];
+      for (int64_t q = 0; q < width; ++q) out[r * width + q] = value(r, q0 + q);
     return out;
   }
 
   const float eps_;
+  float inverse_temperature_ = 1.0f;
   std::vector<float> static_, scale_, proj_;
 };
 
@@ -393,12 +430,12 @@ struct Dims {
 };
 
 // h (tiles) -> x (T, m, d), X[j] = Σ_i Å[i, j] H[i]
-Tensor read_forward(const Tensor& h, const Tensor& static_coef, const std::optional<Tensor>& proj,
-                    const std::optional<Tensor>& scale, int64_t read_slots, int64_t tokens, double eps) {
+Tensor read_forward(const Tensor& h, const Tensor& a, const Tensor& b, const std::optional<Tensor>& proj,
+                    const std::optional<Tensor>& scale, double temperature, int64_t tokens, double eps) {
   check_tiles(h, "h");
-  Tensor x = at::empty({tokens, read_slots, h.size(2)}, h.options());
+  Tensor x = at::empty({tokens, b.size(0), h.size(2)}, h.options());
   const Dims s(h, x);
-  const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
+  const Mixing mixing({a, b, proj, scale, temperature}, s.d, eps, 0, s.m);
   float* X = x.data_ptr<float>();
   const int64_t n = s.n, d = s.d, m = s.m;
   for_each_tile(s.tiles, s.tokens, mixing, {m * d}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
@@ -411,16 +448,16 @@ Tensor read_forward(const Tensor& h, const Tensor& static_coef, const std::optio
   return x;
 }
 
-// gradient of x (T, m, d) -> gradients of h (tiles), static (n, k), proj (d, k) and scale (n, k) (the last two
-// empty if static)
-std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const Tensor& static_coef,
+// gradient of x (T, m, d) -> gradients of h (tiles), A (n, m + n), proj (d, k) and scale (n, k) (the last two
+// empty if static); B takes no part in the read
+std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const Tensor& a, const Tensor& b,
                                                          const std::optional<Tensor>& proj,
-                                                         const std::optional<Tensor>& scale, double eps,
-                                                         const Tensor& grad_x) {
+                                                         const std::optional<Tensor>& scale, double temperature,
+                                                         double eps, const Tensor& grad_x) {
   check_tiles(h, "h");
   check_input(grad_x, "grad_x", 3);
   const Dims s(h, grad_x);
-  const Mixing mixing(static_coef, proj, scale, s.d, eps, 0, s.m);
+  const Mixing mixing({a, b, proj, scale, temperature}, s.d, eps, 0, s.m);
   vwn::ThreadRows sums = parameter_sums(mixing);
   Tensor grad_h = at::empty_like(h);
   const float* GX = grad_x.data_ptr<float>();
@@ -437,17 +474,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const 
     product(result(ght, d), matrix(coef, m), matrix(gxt, d), n, d, m, false);      // Σ_j Å[i, j] G_X[j]
     mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums(sums));
   });
-  auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums, h);
-  return {grad_h, grad_static, grad_proj, grad_scale};
+  const ParameterGradients g = mixing.gradients(sums, h);
+  return {grad_h, g.a, g.proj, g.scale};
 }
 
 // h (tiles), z (T, m, d) -> new state (tiles), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
-Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& static_coef, const std::optional<Tensor>& proj,
-                     const std::optional<Tensor>& scale, double eps) {
+Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& a, const Tensor& b,
+                     const std::optional<Tensor>& proj, const std::optional<Tensor>& scale, double temperature,
+                     double eps) {
   check_tiles(h, "h");
   check_input(z, "z", 3);
   const Dims s(h, z);
-  const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);  // row i: [Â[i, :] | Bᵀ[i, :]]
+  const Mixing mixing({a, b, proj, scale, temperature}, s.d, eps, s.m, s.n + s.m);  // row i: [Â[i, :] | Bᵀ[i, :]]
   Tensor out = at::empty_like(h);
   const float* Z = z.data_ptr<float>();
   const int64_t n = s.n, d = s.d, m = s.m, width = n + m;
@@ -464,18 +502,16 @@ Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& static_coef
   return out;
 }
 
-// gradient g of the new state (tiles) -> gradients of h (tiles), z (T, m, d), static, proj and scale
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& h, const Tensor& z,
-                                                                  const Tensor& static_coef,
-                                                                  const std::optional<Tensor>& proj,
-                                                                  const std::optional<Tensor>& scale, double eps,
-                                                                  const Tensor& grad) {
+// gradient g of the new state (tiles) -> gradients of h (tiles), z (T, m, d), A, B, proj and scale
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(
+    const Tensor& h, const Tensor& z, const Tensor& a, const Tensor& b, const std::optional<Tensor>& proj,
+    const std::optional<Tensor>& scale, double temperature, double eps, const Tensor& grad) {
   check_tiles(h, "h");
   check_input(z, "z", 3);
   check_tiles(grad, "grad");
   TORCH_CHECK(grad.sizes() == h.sizes(), "vwn_ghc: grad ", grad.sizes(), " for a state of ", h.sizes());
   const Dims s(h, z);
-  const Mixing mixing(static_coef, proj, scale, s.d, eps, s.m, s.n + s.m);
+  const Mixing mixing({a, b, proj, scale, temperature}, s.d, eps, s.m, s.n + s.m);
   vwn::ThreadRows sums = parameter_sums(mixing);
   Tensor grad_h = at::empty_like(h);
   Tensor grad_z = at::empty_like(z);
@@ -497,8 +533,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
     mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums(sums));
     from_lanes(gzt, m * d, count, GZ + t0 * m * d, m * d);
   });
-  auto [grad_static, grad_proj, grad_scale] = mixing.gradients(sums, h);
-  return {grad_h, grad_z, grad_static, grad_proj, grad_scale};
+  const ParameterGradients g = mixing.gradients(sums, h);
+  return {grad_h, grad_z, g.a, g.b, g.proj, g.scale};
 }
 
 }  // namespace
@@ -506,12 +542,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(const Tensor& 
 TORCH_LIBRARY(vwn_ghc, lib) {
   lib.def("to_tiles(Tensor x) -> Tensor");
   lib.def("from_tiles(Tensor tiles, int tokens) -> Tensor");
-  lib.def("read_forward(Tensor h, Tensor static, Tensor? proj, Tensor? scale, int m, int tokens, float eps) -> Tensor");
-  lib.def("read_backward(Tensor h, Tensor static, Tensor? proj, Tensor? scale, float eps, Tensor grad_x)"
-          " -> (Tensor, Tensor, Tensor, Tensor)");
-  lib.def("write_forward(Tensor h, Tensor z, Tensor static, Tensor? proj, Tensor? scale, float eps) -> Tensor");
-  lib.def("write_backward(Tensor h, Tensor z, Tensor static, Tensor? proj, Tensor? scale, float eps, Tensor grad)"
-          " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  lib.def("read_forward(Tensor h, Tensor a, Tensor b, Tensor? proj, Tensor? scale, float temperature, int tokens, "
+          "float eps) -> Tensor");
+  lib.def("read_backward(Tensor h, Tensor a, Tensor b, Tensor? proj, Tensor? scale, float temperature, float eps, "
+          "Tensor grad_x) -> (Tensor, Tensor, Tensor, Tensor)");
+  lib.def("write_forward(Tensor h, Tensor z, Tensor a, Tensor b, Tensor? proj, Tensor? scale, float temperature, "
+          "float eps) -> Tensor");
+  lib.def("write_backward(Tensor h, Tensor z, Tensor a, Tensor b, Tensor? proj, Tensor? scale, float temperature, "
+          "float eps, Tensor grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vwn_ghc, CPU, lib) {
