@@ -425,9 +425,9 @@ class PairedTimes:
         return [first - 1, third - 1]
 
 
-def time_paired(steps: list[TrainingStep], rounds: int, pairs_per_round: int) -> PairedTimes:
-    """Times every width against the reference steps[0]: in each of `rounds` rounds, each width in turn runs
-    `pairs_per_round` pairs of (reference step, width step) back to back.
+def time_paired(steps: list[Callable[[], object]], rounds: int, pairs_per_round: int) -> PairedTimes:
+    """Times every step function against the reference steps[0] (the widths against r = 1): in each of `rounds`
+    rounds, each in turn runs `pairs_per_round` pairs of (reference step, its step) back to back.
 
     NOTE: a ratio of two adjacent steps cancels the machine's drift, which the ratio of two medians taken
     minutes apart does not: here one run's r = 1 step came out 14 % faster than the run before's while its
@@ -453,9 +453,10 @@ def time_paired(steps: list[TrainingStep], rounds: int, pairs_per_round: int) ->
     return PairedTimes(seconds, ratios)
 
 
-def moe_vs_dense(config: RunConfig, repeats: int = 15) -> dict[str, float]:
+def moe_vs_dense(config: RunConfig, repeats: int = 30) -> dict:
     """Forward + backward of one MoE layer vs a dense SwiGLU of hidden width top_k · d_ff (equal
-    active FLOPs but for the router's 2·D·E), on the config's batch of tokens; medians, interleaved."""
+    active FLOPs but for the router's 2·D·E), on the config's batch of tokens: the median time of each, and
+    the median and quartiles of the ratio of a MoE call to the dense call just before it (`time_paired`)."""
     c = config.model
     torch.manual_seed(0)
     moe = MixtureOfExperts(c.d_model, c.d_ff, c.n_experts, c.top_k, c.n_shared_experts,
@@ -472,15 +473,11 @@ def moe_vs_dense(config: RunConfig, repeats: int = 15) -> dict[str, float]:
             loss = loss + stats.balance_loss + stats.z_loss
         loss.backward()
 
-    times = {"moe": [], "dense": []}
-    for _ in range(2):  # warm-up
-        run(moe)
-        run(dense)
-    for _ in range(repeats):
-        for name, layer in (("moe", moe), ("dense", dense)):
-            times[name].append(median_seconds(lambda layer=layer: run(layer), 1))
-    moe_s, dense_s = statistics.median(times["moe"]), statistics.median(times["dense"])
-    return {"moe_ms": 1e3 * moe_s, "dense_ms": 1e3 * dense_s, "ratio": moe_s / dense_s}
+    run(dense)  # warm-up (time_paired warms the MoE)
+    times = time_paired([lambda: run(dense), lambda: run(moe)], rounds=1, pairs_per_round=repeats)
+    low, high = times.overhead_quartiles(1)
+    return {"moe_ms": 1e3 * times.median_seconds(1), "dense_ms": 1e3 * times.median_seconds(0),
+            "ratio": 1 + times.overhead(1), "ratio_quartiles": [1 + low, 1 + high]}
 
 
 def fused_ghc_flops_per_token(config: RunConfig) -> int:
@@ -556,7 +553,8 @@ def format_table(result: dict) -> str:
                  f"compile: {result['compile']}, retain_freed_memory: {result['retain_freed_memory']}")
     for name, check in result["moe_vs_dense"].items():
         lines.append(f"MoE check ({name}): MoE layer {check['moe_ms']:.2f} ms vs dense SwiGLU of equal active "
-                     f"FLOPs {check['dense_ms']:.2f} ms: x{check['ratio']:.2f}")
+                     f"FLOPs {check['dense_ms']:.2f} ms: x{check['ratio']:.2f} (paired calls; quartiles "
+                     "x{:.2f}, x{:.2f})".format(*check["ratio_quartiles"]))
     return "\n".join(lines)
 
 

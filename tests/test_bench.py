@@ -155,7 +155,9 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         assert run["overhead_matmul_floor"] == pytest.approx(
             (run["matmul_ms"] - runs[0]["matmul_ms"]) / runs[0]["step_ms"])
     assert runs[2]["overhead_predicted"] > runs[1]["overhead_predicted"] > 0
-    assert result["moe_vs_dense"][str(path)]["ratio"] > 0
+    moe = result["moe_vs_dense"][str(path)]
+    low, high = moe["ratio_quartiles"]
+    assert 0 < low <= moe["ratio"] <= high and moe["moe_ms"] > 0 and moe["dense_ms"] > 0
 
     with (out / "bench.csv").open() as f:
         rows = list(csv.DictReader(f))
