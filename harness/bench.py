@@ -482,11 +482,13 @@ def moe_vs_dense(config: RunConfig, repeats: int = 30) -> dict:
 
 def fused_ghc_flops_per_token(config: RunConfig) -> int:
     """Forward FLOPs per token that the fused GHC kernels compute (no matmul call does them): every GHC of
-    the backbone and of the MTP layer, when the kernels are there (the bench runs on CPU in fp32)."""
+    the backbone and of the MTP layer, and the MTP module's merge into the state's lane tiles, when the
+    kernels are there (the bench runs on CPU in fp32) and the state has more than one slot."""
     c = config.model
-    if c.m == c.n == 1 or not cpu_kernels.available():
+    if c.n == 1 or not cpu_kernels.available():
         return 0
-    return 2 * (c.n_layers + int(c.mtp)) * accounting.ghc_flops_per_token(c.d_model, c.m, c.n, c.dynamic)
+    ghc = 2 * (c.n_layers + int(c.mtp)) * accounting.ghc_flops_per_token(c.d_model, c.m, c.n, c.dynamic)
+    return ghc + (accounting.mtp_merge_flops_per_token(c.d_slot, c.n) if c.mtp else 0)
 
 
 def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], rounds: int, per_round: int,

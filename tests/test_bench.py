@@ -137,10 +137,13 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
         assert run["config"] == str(path)
         assert run["tokens_per_s"] > 0 and run["peak_mem_bytes"] > 0 and run["mfu"] > 0
         assert run["mfu_ceiling"] > run["mfu"] and 0 < run["matmul_ms"] < run["step_ms"]
-        # every matmul of the step is recorded: all of 3 × the forward FLOPs but attention's SDPA kernel and
-        # the GHC products, which the fused GHC kernels compute (2 per layer, MTP's layer included)
-        ghc = 0 if run["n"] == 1 else 2 * 2 * accounting.ghc_flops_per_token(32, run["m"], run["n"])
-        matmul_flops = 3 * (run["flops_per_token"] - ghc) * 2 * 16
+        # every matmul of the step is recorded: all of 3 × the forward FLOPs but attention's SDPA kernel, the
+        # GHC products, which the fused GHC kernels compute (2 per layer, MTP's layer included), and the MTP merge
+        fused = 0
+        if run["n"] > 1:
+            fused = (2 * 2 * accounting.ghc_flops_per_token(32, run["m"], run["n"])
+                     + accounting.mtp_merge_flops_per_token(32 // run["m"], run["n"]))
+        matmul_flops = 3 * (run["flops_per_token"] - fused) * 2 * 16
         assert 1e9 * run["matmul_gflop"] == pytest.approx(matmul_flops, rel=0.1)
         # the ceiling counts the FLOPs of those calls only, at their standalone time
         assert run["mfu_ceiling"] == pytest.approx(matmul_flops / (run["matmul_ms"] / 1e3) / 2e10)  # the faster rate

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from harness.model import cpu_kernels, ghc_kernel
+from harness.model.config import ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection, tile_state, untile_state
+from harness.model.transformer import MultiTokenPredictor
 
 D_MODEL = 64
 
@@ -59,6 +61,37 @@ def test_fused_kernels_match_the_reference_path_in_float64(m, n, dynamic, proj_s
     for name, got, want in zip(names, fused, reference, strict=True):
         error = (got.double() - want).abs().max() / want.abs().max()
         assert error < 2e-5, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("m,n", [(2, 3), (1, 4), (2, 16), (8, 64)])
+def test_fused_mtp_merge_matches_the_reference_path_in_float64(m, n):
+    """The MTP module's norms and merge straight into lane tiles: values and every gradient."""
+    config = ModelConfig(vocab_size=64, d_model=D_MODEL, n_layers=1, n_heads=2, seq_len=50, virtual_width=(m, n),
+                         mtp=True)
+    torch.manual_seed(n)
+    mtp = MultiTokenPredictor(config)
+    with torch.no_grad():
+        for parameter in mtp.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    h, embed = torch.randn(2, 2, 3, 50, n, D_MODEL // m)  # 150 tokens: the last tile holds 6
+
+    def merged_with_gradients(module: MultiTokenPredictor, h: torch.Tensor, embed: torch.Tensor):
+        h, embed = h.clone().requires_grad_(), embed.clone().requires_grad_()
+        state = module.merged(h, embed)
+        out = untile_state(state)
+        (out * torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        norms_and_merge = [module.hidden_norm.weight, module.embed_norm.weight, module.merge.weight]
+        return state, [out.detach(), h.grad, embed.grad] + [p.grad for p in norms_and_merge]
+
+    state, fused = merged_with_gradients(mtp, h, embed)
+    assert isinstance(state, ghc_kernel.LaneTiles)
+    reference_module = copy.deepcopy(mtp).double()
+    state, reference = merged_with_gradients(reference_module, h.double(), embed.double())
+    assert not isinstance(state, ghc_kernel.LaneTiles)
+    names = ["merged", "grad hidden", "grad embed", "grad hidden norm", "grad embed norm", "grad merge"]
+    for name, got, want in zip(names, fused, reference, strict=True):
+        error = (got.double() - want).abs().max() / want.abs().max()
+        assert error < 2e-6, f"{name}: relative error {error:.2e}"
 
 
 def test_lane_tiles_hold_token_16t_plus_l_in_lane_l_of_tile_t():

@@ -23,6 +23,11 @@ def ghc_flops_per_token(d_model: int, m: int, n: int, dynamic: bool = True) -> i
     return flops
 
 
+def mtp_merge_flops_per_token(d_slot: int, n: int) -> int:
+    """FLOPs of the MTP module's merge for one token: one (d_b × 2·d_b) Linear per slot."""
+    return 2 * (2 * d_slot) * d_slot * n
+
+
 def _ghc_parameters(c: ModelConfig) -> int:
     """One GHC module: static A (n, m+n) and B (m, n); dynamic W (d_b, 2m+n) and S (n, 2m+n)."""
     if c.m == c.n == 1:
@@ -107,7 +112,7 @@ def flops_per_token(config: ModelConfig) -> dict[str, int]:
     head = 2 * c.d_model * c.vocab_size
     mtp = 0
     if c.mtp:
-        mtp = 2 * (2 * c.d_slot) * c.d_slot * c.n + sum(layer.values()) + reduce + head
+        mtp = mtp_merge_flops_per_token(c.d_slot, c.n) + sum(layer.values()) + reduce + head
     flops = {
         "embedding": 2 * c.d_model * c.d_wide if c.embedding == "factorized" else 0,
         "attention": c.n_layers * layer["attention"],

@@ -38,12 +38,16 @@ Mixing = tuple[torch.Tensor, torch.Tensor] | ghc_kernel.MixingParameters  # what
 State = torch.Tensor | ghc_kernel.LaneTiles  # the state between sublayers: (B, T, n, d_b), or its lane tiles
 
 
+def takes_lane_tiles(h: torch.Tensor) -> bool:
+    """Whether the GHCs keep a state like h (B, T, n, d_b) in lane tiles: fp32 on CPU with the fused kernels built,
+    more than one slot."""
+    return h.shape[-2] > 1 and cpu_kernels.applies(h)
+
+
 def tile_state(h: torch.Tensor) -> State:
-    """h (B, T, n, d_b) in the layout the GHCs will take it in: lane tiles if the fused kernels apply (fp32 on CPU,
-    more than one slot), so that no GHC op transposes it; h itself otherwise."""
-    if h.shape[-2] > 1 and cpu_kernels.applies(h):
-        return ghc_kernel.to_tiles(h)
-    return h
+    """h (B, T, n, d_b) in the layout the GHCs will take it in: lane tiles if `takes_lane_tiles`, so that no GHC op
+    transposes it; h itself otherwise."""
+    return ghc_kernel.to_tiles(h) if takes_lane_tiles(h) else h
 
 
 def untile_state(state: State) -> torch.Tensor:

@@ -47,6 +47,17 @@ def _register_fake_kernels() -> None:
     def _(x):
         return x.new_empty(-(-x.shape[0] // LANES), x.shape[1], x.shape[2], LANES)
 
+    @torch.library.register_fake("vwn_ghc::mtp_merge_forward")
+    def _(hidden, embed, gamma_h, gamma_e, weight, eps):
+        tokens, n, d = hidden.shape
+        rstd = hidden.new_empty(tokens)
+        return hidden.new_empty(-(-tokens // LANES), n, d, LANES), rstd, torch.empty_like(rstd)
+
+    @torch.library.register_fake("vwn_ghc::mtp_merge_backward")
+    def _(grad, hidden, embed, gamma_h, gamma_e, weight, rstd_h, rstd_e):
+        return (torch.empty_like(hidden), torch.empty_like(embed), torch.empty_like(gamma_h),
+                torch.empty_like(gamma_e), torch.empty_like(weight))
+
     @torch.library.register_fake("vwn_ghc::from_tiles")
     def _(tiles, tokens):
         return tiles.new_empty(tokens, tiles.shape[1], tiles.shape[2])
@@ -157,3 +168,25 @@ def fused_write(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps
     """State h (lane tiles of (..., n, d_b)) and sublayer output z (..., m·d_b) -> new state, as lane tiles."""
     z = z.reshape(h.shape[:-2].numel(), -1, h.shape[-1]).contiguous()
     return LaneTiles(_Write.apply(_aligned(h.data), z, *parameters, eps), h.shape)
+
+
+class _MTPMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, embed: torch.Tensor, gamma_h: torch.Tensor, gamma_e: torch.Tensor,
+                weight: torch.Tensor, eps: float) -> torch.Tensor:
+        tiles, rstd_h, rstd_e = torch.ops.vwn_ghc.mtp_merge_forward(hidden, embed, gamma_h, gamma_e, weight, eps)
+        ctx.save_for_backward(hidden, embed, gamma_h, gamma_e, weight, rstd_h, rstd_e)
+        return tiles
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        return *torch.ops.vwn_ghc.mtp_merge_backward(_aligned(grad), *ctx.saved_tensors), None
+
+
+def fused_mtp_merge(hidden: torch.Tensor, embed: torch.Tensor, gamma_h: torch.Tensor, gamma_e: torch.Tensor,
+                    weight: torch.Tensor, eps: float) -> LaneTiles:
+    """The MTP module's merge as lane tiles: hidden, embed (..., n, d_b) -> RMSNorm(hidden) ∘ γ_h and
+    RMSNorm(embed) ∘ γ_e over each token's n·d_b channels, then W [Ĥ[i] ; Ê[i]] for every slot i, W (d_b, 2 d_b)."""
+    rows = (t.reshape(-1, *hidden.shape[-2:]).contiguous() for t in (hidden, embed))
+    return LaneTiles(_MTPMerge.apply(*rows, gamma_h.contiguous(), gamma_e.contiguous(), weight.contiguous(), eps),
+                     hidden.shape)

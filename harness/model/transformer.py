@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.model import cpu_kernels
+from harness.model import cpu_kernels, ghc_kernel
 from harness.model.config import ModelConfig
-from harness.model.ghc import GeneralizedHyperConnection, State, tile_state, untile_state
+from harness.model.ghc import GeneralizedHyperConnection, State, takes_lane_tiles, tile_state, untile_state
 from harness.model.loss import linear_cross_entropy
 from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
 from harness.model.norm import RMSNorm
@@ -190,13 +190,20 @@ class MultiTokenPredictor(nn.Module):
     def forward(self, h: torch.Tensor, next_embed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, RouterStats | None]:
         """Final state h and embeddings of the following tokens, both (B, T, n, d_b) -> (B, T, D)."""
+        out, stats = self.block(self.merged(h, next_embed), rope)
+        return self.head(untile_state(out)), stats
+
+    def merged(self, h: torch.Tensor, next_embed: torch.Tensor) -> State:
+        """The block's input state: each slot's [H-Norm(h) ; E-Norm(next_embed)] through the merge Linear,
+        (B, T, n, d_b), or its lane tiles (one fused op then)."""
+        if takes_lane_tiles(h):
+            return ghc_kernel.fused_mtp_merge(h, next_embed, self.hidden_norm.weight, self.embed_norm.weight,
+                                              self.merge.weight, self.hidden_norm.eps)
         hidden = self.hidden_norm(h.flatten(-2)).view_as(h)
         embed = self.embed_norm(next_embed.flatten(-2)).view_as(h)
         # [hidden ; embed] W = hidden W_h + embed W_e, without the (B, T, n, 2·d_b) concatenation
         w_hidden, w_embed = self.merge.weight.chunk(2, dim=1)
-        merged = F.linear(hidden, w_hidden) + F.linear(embed, w_embed)  # (B, T, n, d_b)
-        out, stats = self.block(tile_state(merged), rope)
-        return self.head(untile_state(out)), stats
+        return F.linear(hidden, w_hidden) + F.linear(embed, w_embed)
 
 
 @dataclass
