@@ -3,7 +3,8 @@
 The kernels keep the GHC state in lane tiles (`LaneTiles`): sixteen tokens per tile, one per vector lane, so
 that no op transposes the state; `to_tiles` and `from_tiles` convert at the ends of a stack of GHC-wrapped
 blocks. `fused_read` and `fused_write` compute what `GeneralizedHyperConnection.read` / `.write` compute on
-their reference path, each as one pass over its tensors forward and one backward.
+their reference path, and `fused_mtp_merge` what `MultiTokenPredictor.merged` does (ending in lane tiles),
+each as one pass over its tensors forward and one backward.
 """
 
 from __future__ import annotations
