@@ -612,6 +612,12 @@ def bench_main(argv: list[str] | None = None) -> int:
     rounds, per_round = (3, 3) if args.quick else (args.rounds, args.steps)
     pairs = widths(args.r, args.m)
     configs = {name: reference_config(name) for name in names}
+    if args.compile:
+        # NOTE: dynamo keeps its compiled variants per code object, which all the models of this process share
+        # (the embedding alone is traced at two shapes per model, the window and the MTP's lookahead); past its
+        # limit of 8 it warned and ran the frame eager for the later widths
+        models = len(configs) * len(pairs)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * models)
     rates = [matmul_flops_per_s()]
     result = {"threads": torch.get_num_threads(), "compile": args.compile, "retain_freed_memory": retained,
               "runs": [], "moe_vs_dense": {}}
