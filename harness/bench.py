@@ -20,8 +20,8 @@ For each config and virtual width (m, n) it times the training step exactly as `
                          embedding, reduce head and MTP merge)
     peak_mem_bytes       parameters + optimizer state + the step's peak of live tensors
     breakdown            where the step's time goes, from one profiled step, in ms of the median
-                         step: attention and moe (each with its pre-norm), ghc (the rest of each block:
-                         GHC read/write, or the residual add at r = 1; and the state's conversions to and
+                         step: attention and moe (each with its pre-norm), ghc (the GHCs' reads and
+                         writes, or the residual adds at r = 1; and the state's conversions to and
                          from the kernels' lane tiles), embed_head (embedding, reduce
                          head, LM head calls, losses), mtp (the MTP module, its LM head call
                          excepted), optimizer (clipping, AdamW, schedule), other (unattributed)
@@ -64,14 +64,16 @@ from harness.grid import load_grid
 from harness.lit import VWNModule
 from harness.memory import release_freed_memory, retain_freed_memory
 from harness.model import accounting, cpu_kernels
+from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.moe import MixtureOfExperts, SwiGLU, expert_matmul, expert_weight_grad
-from harness.model.transformer import Attention, Block, MultiTokenPredictor, ReduceHead, WideEmbedding
+from harness.model.transformer import Attention, MultiTokenPredictor, ReduceHead, WideEmbedding
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 WIDTH_FACTORS = (1.0, 1.5, 2.0, 4.0, 8.0)
 COMPONENTS = ("attention", "moe", "ghc", "embed_head", "mtp", "optimizer", "other")
 BACKWARD_NODE = "autograd::engine::evaluate_function"
 TILE_CONVERSIONS = ("_ToTiles", "_FromTiles")  # ghc_kernel's autograd functions, as the profiler names them
+GHC_METHODS = ("read", "write", "write_then_read")  # called between the sublayers, not through forward
 
 # training_step logs through self.log, which has nothing to log to outside a Trainer
 warnings.filterwarnings("ignore", message=".*`self.trainer` reference is not registered.*")
@@ -169,16 +171,22 @@ def component_of(module: nn.Module, name: str) -> str | None:
         return "attention"
     if isinstance(module, MixtureOfExperts | SwiGLU) or name.endswith("ffn_norm"):
         return "moe"
-    if isinstance(module, Block):
-        return "ghc"  # what a block does outside its sublayers: GHC read/write, or the residual add
     if isinstance(module, WideEmbedding | ReduceHead) or name.endswith("lm_head"):
         return "embed_head"
     return None
 
 
+def in_range(label: str, method: Callable) -> Callable:
+    def call(*args, **kwargs):
+        with record_function(label):
+            return method(*args, **kwargs)
+    return call
+
+
 @contextlib.contextmanager
 def labelled_forward(model: nn.Module) -> Iterator[None]:
-    """Open a profiler range named by `component_of` around each labelled module's forward."""
+    """Open a profiler range named by `component_of` around each labelled module's forward, and a "ghc" range around
+    each call of a GHC's read and write (which `ghc.run_stack` calls directly, between the sublayers)."""
     open_ranges: list[record_function] = []
 
     def enter(label: str) -> Callable:
@@ -191,14 +199,21 @@ def labelled_forward(model: nn.Module) -> Iterator[None]:
         open_ranges.pop().__exit__(None, None, None)
 
     handles = []
+    connections = [module for module in model.modules() if isinstance(module, GeneralizedHyperConnection)]
     for name, module in model.named_modules():
         if (label := component_of(module, name)) is not None:
             handles += [module.register_forward_pre_hook(enter(label)), module.register_forward_hook(leave)]
+    for connection in connections:
+        for method in GHC_METHODS:
+            setattr(connection, method, in_range("ghc", getattr(connection, method)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for connection in connections:
+            for method in GHC_METHODS:
+                delattr(connection, method)  # the class's method again
 
 
 def ancestry(event) -> list[str]:

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from harness import bench
 from harness.config import load_run_config
 from harness.model import accounting
+from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.moe import expert_matmul
 
 # VWNModule.training_step logs through self.log, which has nowhere to log outside a Trainer
@@ -63,6 +64,8 @@ def test_breakdown_sends_backward_time_to_the_forward_component():
     step()  # one-time costs (allocations, loading the GHC kernels) out of the profiled step
     with bench.labelled_forward(step.module.model), profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
+    connections = [m for m in step.module.model.modules() if isinstance(m, GeneralizedHyperConnection)]
+    assert connections and not any(set(bench.GHC_METHODS) & set(vars(c)) for c in connections)  # methods restored
     fractions = bench.breakdown_fractions(prof.events())
     assert sum(fractions.values()) == pytest.approx(1.0)
     for component in ("attention", "moe", "ghc", "embed_head", "mtp", "optimizer"):

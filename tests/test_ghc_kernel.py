@@ -7,7 +7,7 @@ import torch
 
 from harness.model import cpu_kernels, ghc_kernel
 from harness.model.config import ModelConfig
-from harness.model.ghc import GeneralizedHyperConnection, tile_state, untile_state
+from harness.model.ghc import GeneralizedHyperConnection, run_stack, tile_state, untile_state
 from harness.model.transformer import MultiTokenPredictor
 
 D_MODEL = 64
@@ -58,6 +58,35 @@ def test_fused_kernels_match_the_reference_path_in_float64(m, n, dynamic, proj_s
     reference = read_write_with_gradients(reference_connection, h.double(), z.double())
     names = ["new state", "grad h", "grad z"] + [name for name, _ in connection.named_parameters()]
     assert len(fused) == len(reference) == len(names)
+    for name, got, want in zip(names, fused, reference, strict=True):
+        error = (got.double() - want).abs().max() / want.abs().max()
+        assert error < 2e-5, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("m,n", [(2, 3), (1, 4), (2, 16), (8, 16)])  # (8, 64): 1e-4 through three layers, fused or not
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_a_stack_of_fused_writes_and_reads_matches_the_reference_path_in_float64(m, n, dynamic):
+    """Three GHCs in a row: each write and the next read are one op on lane tiles (`run_stack`); values and every
+    gradient, the middle GHC's state gradient being the sum of the next write's and the next read's."""
+    connections = torch.nn.ModuleList(perturbed_connection(m, n, dynamic, 0.3) for _ in range(3))
+    with torch.no_grad():
+        for i, connection in enumerate(connections):
+            for parameter in connection.parameters():
+                parameter.add_(0.1 * i)  # three different GHCs
+    weights = [torch.randn(D_MODEL, D_MODEL) / D_MODEL**0.5 for _ in connections]
+    h = torch.randn(3, 50, n, D_MODEL // m)
+
+    def stacked_with_gradients(connections, h, weights):
+        h = h.clone().requires_grad_()
+        sublayers = [lambda x, w=w: torch.tanh(x @ w) for w in weights]
+        stack = list(zip(connections, sublayers, strict=True))
+        new = untile_state(run_stack(tile_state(h), stack))
+        (new * torch.linspace(-1.0, 1.0, new.numel(), dtype=new.dtype).view_as(new)).sum().backward()
+        return [new.detach(), h.grad] + [p.grad for p in connections.parameters()]
+
+    fused = stacked_with_gradients(connections, h, weights)
+    reference = stacked_with_gradients(copy.deepcopy(connections).double(), h.double(), [w.double() for w in weights])
+    names = ["new state", "grad h"] + [name for name, _ in connections.named_parameters()]
     for name, got, want in zip(names, fused, reference, strict=True):
         error = (got.double() - want).abs().max() / want.abs().max()
         assert error < 2e-5, f"{name}: relative error {error:.2e}"
@@ -128,8 +157,11 @@ def test_the_ops_reject_operands_they_cannot_take():
         read(torch.randn(1, 3, 32, 8), a, b, None, None, 1.0, 8, 1e-6)
     with pytest.raises(RuntimeError, match="40 tokens of 2 x 32 for 1 tiles"):
         read(torch.randn(1, 3, 32, 16), a, b, None, None, 1.0, 40, 1e-6)
-    with pytest.raises(RuntimeError, match=r"A must be \(n, m \+ n\) and B \(m, n\), got \[3, 5\] and \[3, 2\]"):
+    with pytest.raises(RuntimeError, match=r"A must be \(n, m \+ n\) and B \(m, n\), here \(3, 6\) and \(3, 3\), "
+                                           r"got \[3, 5\] and \[3, 2\]"):
         read(torch.randn(1, 3, 32, 16), a, b.T.contiguous(), None, None, 1.0, 8, 1e-6)
+    with pytest.raises(RuntimeError, match=r"here \(4, 6\) and \(2, 4\), got \[3, 5\] and \[2, 3\]"):  # 4 slots
+        read(torch.randn(1, 4, 32, 16), a, b, None, None, 1.0, 8, 1e-6)
     with pytest.raises(RuntimeError, match=r"proj must be \(32, 7\) and scale \(3, 7\), got \[32, 5\]"):
         read(torch.randn(1, 3, 32, 16), a, b, torch.randn(32, 5), torch.randn(3, 7), 1.0, 8, 1e-6)
 

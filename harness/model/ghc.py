@@ -19,15 +19,18 @@ single slot there is nothing to mix, so the baseline is this module's degenerate
 separate model.
 
 On CPU in fp32, read and write run as fused C++ kernels (`ghc_kernel`: sixteen tokens at a time, one
-per vector lane, each tile's coefficients recomputed in cache instead of stored). They take the state in
-lane tiles, which `tile_state` makes at the start of a stack of blocks and `untile_state` undoes at its
-end; given a plain tensor, read and write run the torch code below, which serves every other dtype and
-device and is the tests' reference for the kernels.
+per vector lane, each tile's coefficients recomputed in cache instead of stored), and a write with the
+next GHC's read as one (`run_stack`). They take the state in lane tiles, which `tile_state` makes at the
+start of a stack of blocks and `untile_state` undoes at its end; given a plain tensor, read and write run
+the torch code below, which serves every other dtype and device and is the tests' reference for the
+kernels.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -167,3 +170,26 @@ class GeneralizedHyperConnection(nn.Module):
         # Âᵀ H + Bᵀ Z in one baddbmm over the flattened tokens: the sum accumulates in the product's output
         new = torch.baddbmm(carry.flatten(0, -3), b_t, z.reshape(-1, self.m, self.d_slot))
         return new.view(*tokens, self.n, self.d_slot)
+
+    def write_then_read(self, h: State, z: torch.Tensor, mix: Mixing | None, following: GeneralizedHyperConnection
+                        ) -> tuple[State, tuple[torch.Tensor, Mixing | None]]:
+        """`write`, then `following.read` of the new state: its state and (x, mix). One fused op for lane tiles."""
+        if isinstance(h, ghc_kernel.LaneTiles):
+            parameters = following.kernel_parameters()
+            state, x = ghc_kernel.fused_write_read(h, z.to(h.data.dtype), mix, self.eps, parameters, following.eps)
+            return state, (x, parameters)
+        state = self.write(h, z, mix)
+        return state, following.read(state)
+
+
+Sublayer = Callable[[torch.Tensor], torch.Tensor]  # x (batch, seq, D) -> z (batch, seq, D)
+
+
+def run_stack(h: State, stack: Sequence[tuple[GeneralizedHyperConnection, Sublayer]]) -> State:
+    """The state through each (GHC, sublayer) in turn: read, sublayer, write. Each write and the next GHC's read go
+    together (`write_then_read`), which on lane tiles is one op."""
+    x, mix = stack[0][0].read(h)
+    for (connection, sublayer), (following, _) in itertools.pairwise(stack):
+        h, (x, mix) = connection.write_then_read(h, sublayer(x), mix, following)
+    connection, sublayer = stack[-1]
+    return connection.write(h, sublayer(x), mix)

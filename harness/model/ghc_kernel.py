@@ -3,8 +3,9 @@
 The kernels keep the GHC state in lane tiles (`LaneTiles`): sixteen tokens per tile, one per vector lane, so
 that no op transposes the state; `to_tiles` and `from_tiles` convert at the ends of a stack of GHC-wrapped
 blocks. `fused_read` and `fused_write` compute what `GeneralizedHyperConnection.read` / `.write` compute on
-their reference path, and `fused_mtp_merge` what `MultiTokenPredictor.merged` does (ending in lane tiles),
-each as one pass over its tensors forward and one backward.
+their reference path, `fused_write_read` a write and the next GHC's read of the state it wrote, and
+`fused_mtp_merge` what `MultiTokenPredictor.merged` does (ending in lane tiles), each as one pass over its
+tensors forward and one backward.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def _register_fake_kernels() -> None:
     def _(h, z, a, b, proj, scale, temperature, eps, grad):
         return (torch.empty_like(h), torch.empty_like(z), torch.empty_like(a), torch.empty_like(b),
                 *projection_gradients(a, proj, scale))
+
+    @torch.library.register_fake("vwn_ghc::write_read_forward")
+    def _(h, z, a, b, proj, scale, temperature, eps, next_a, next_b, next_proj, next_scale, next_temperature,
+          next_eps):
+        return torch.empty_like(h), torch.empty_like(z)
+
+    @torch.library.register_fake("vwn_ghc::write_read_backward")
+    def _(h, z, out, a, b, proj, scale, temperature, eps, next_a, next_b, next_proj, next_scale, next_temperature,
+          next_eps, grad_out, grad_x):
+        return (torch.empty_like(h), torch.empty_like(z), torch.empty_like(a), torch.empty_like(b),
+                *projection_gradients(a, proj, scale), torch.empty_like(next_a),
+                *projection_gradients(next_a, next_proj, next_scale))
 
 
 cpu_kernels.on_build(_register_fake_kernels)
@@ -159,6 +172,30 @@ class _Write(torch.autograd.Function):
         return grad_h, grad_z, grad_a, grad_b, *_projection_gradients(proj, *grads), None, None
 
 
+class _WriteRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, proj: torch.Tensor | None,
+                scale: torch.Tensor | None, temperature: float, eps: float, next_a: torch.Tensor,
+                next_b: torch.Tensor, next_proj: torch.Tensor | None, next_scale: torch.Tensor | None,
+                next_temperature: float, next_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out, x = torch.ops.vwn_ghc.write_read_forward(h, z, a, b, proj, scale, temperature, eps, next_a, next_b,
+                                                      next_proj, next_scale, next_temperature, next_eps)
+        ctx.save_for_backward(h, z, out, a, b, proj, scale, next_a, next_b, next_proj, next_scale)
+        ctx.scalars = temperature, eps, next_temperature, next_eps
+        return out, x
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, grad_x: torch.Tensor) -> tuple:
+        h, z, out, a, b, proj, scale, next_a, next_b, next_proj, next_scale = ctx.saved_tensors
+        temperature, eps, next_temperature, next_eps = ctx.scalars
+        grad_h, grad_z, grad_a, grad_b, *grads = torch.ops.vwn_ghc.write_read_backward(
+            h, z, out, a, b, proj, scale, temperature, eps, next_a, next_b, next_proj, next_scale, next_temperature,
+            next_eps, _aligned(grad_out), grad_x.contiguous())
+        grad_proj, grad_scale, grad_next_a, grad_next_proj, grad_next_scale = grads
+        return (grad_h, grad_z, grad_a, grad_b, *_projection_gradients(proj, grad_proj, grad_scale), None, None,
+                grad_next_a, None, *_projection_gradients(next_proj, grad_next_proj, grad_next_scale), None, None)
+
+
 def fused_read(h: LaneTiles, parameters: MixingParameters, eps: float) -> torch.Tensor:
     """State h (lane tiles of (..., n, d_b)) -> sublayer input x (..., m·d_b)."""
     x = _Read.apply(_aligned(h.data), *parameters, h.shape[:-2].numel(), eps)
@@ -169,6 +206,15 @@ def fused_write(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps
     """State h (lane tiles of (..., n, d_b)) and sublayer output z (..., m·d_b) -> new state, as lane tiles."""
     z = z.reshape(h.shape[:-2].numel(), -1, h.shape[-1]).contiguous()
     return LaneTiles(_Write.apply(_aligned(h.data), z, *parameters, eps), h.shape)
+
+
+def fused_write_read(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps: float,
+                     next_parameters: MixingParameters, next_eps: float) -> tuple[LaneTiles, torch.Tensor]:
+    """`fused_write`, then the next GHC's `fused_read` of the new state, as one op: the new state's tiles pass through
+    the cache once each way, and its two gradients (the next write's and the next read's) are summed tile by tile."""
+    z = z.reshape(h.shape[:-2].numel(), -1, h.shape[-1]).contiguous()
+    out, x = _WriteRead.apply(_aligned(h.data), z, *parameters, eps, *next_parameters, next_eps)
+    return LaneTiles(out, h.shape), x.view(*h.shape[:-2], -1)
 
 
 class _MTPMerge(torch.autograd.Function):

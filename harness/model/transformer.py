@@ -24,7 +24,15 @@ from torch import nn
 
 from harness.model import cpu_kernels, ghc_kernel
 from harness.model.config import ModelConfig
-from harness.model.ghc import GeneralizedHyperConnection, State, takes_lane_tiles, tile_state, untile_state
+from harness.model.ghc import (
+    GeneralizedHyperConnection,
+    State,
+    Sublayer,
+    run_stack,
+    takes_lane_tiles,
+    tile_state,
+    untile_state,
+)
 from harness.model.loss import linear_cross_entropy
 from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
 from harness.model.norm import RMSNorm
@@ -117,14 +125,23 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(d, config.d_ff)
 
+    def stack(self, rope: tuple[torch.Tensor, torch.Tensor], stats: list[RouterStats | None]
+              ) -> list[tuple[GeneralizedHyperConnection, Sublayer]]:
+        """The block as (GHC, sublayer) pairs for `ghc.run_stack`; the FFN appends its router terms (None if dense) to
+        `stats` when it runs."""
+        def ffn(x: torch.Tensor) -> torch.Tensor:
+            y, layer_stats = self.ffn(self.ffn_norm(x))
+            stats.append(layer_stats)
+            return y
+
+        return [(self.attn_connection, lambda x: self.attn(self.attn_norm(x), rope)), (self.ffn_connection, ffn)]
+
     def forward(self, h: State, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[State, RouterStats | None]:
         """h (B, T, n, d_b), or its lane tiles (`ghc.tile_state`) -> the same, and the router terms of the MoE (None
         if dense)."""
-        x, mix = self.attn_connection.read(h)
-        h = self.attn_connection.write(h, self.attn(self.attn_norm(x), rope), mix)
-        x, mix = self.ffn_connection.read(h)
-        y, stats = self.ffn(self.ffn_norm(x))
-        return self.ffn_connection.write(h, y, mix), stats
+        stats: list[RouterStats | None] = []
+        h = run_stack(h, self.stack(rope, stats))
+        return h, stats[0]
 
 
 class WideEmbedding(nn.Module):
@@ -286,12 +303,10 @@ class LanguageModel(nn.Module):
             next_token = targets[:, seq_len - 1]
         rope = self.rope(seq_len)
         embedded = self.embed(tokens)  # (B, T, n, d_b)
-        h = tile_state(embedded)
-        stats: list[RouterStats] = []
-        for block in self.blocks:
-            h, layer_stats = block(h, rope)
-            stats.append(layer_stats)
-        h = untile_state(h)
+        stats: list[RouterStats | None] = []
+        # one stack across the blocks, so that each block's last write and the next block's first read go together
+        stack = [pair for block in self.blocks for pair in block.stack(rope, stats)]
+        h = untile_state(run_stack(tile_state(embedded), stack))
         features = self.head(h)  # (B, T, D), the LM head's input
 
         mtp_features = None

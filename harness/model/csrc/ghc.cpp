@@ -1,5 +1,5 @@
-// Fused CPU kernels (fp32) for the generalized hyper-connection's read and write, forward and backward, and for
-// the MTP module's merge into the state (at the end of this file). The maths and the shapes are those of
+// Fused CPU kernels (fp32) for the generalized hyper-connection's read and write, forward and backward, alone or a
+// write with the next GHC's read, and for the MTP module's merge into the state (at the end of this file). The maths and the shapes are those of
 // harness/model/ghc.py and MultiTokenPredictor.merged; harness/model/cpu_kernels.py builds this file on first
 // use, harness/model/ghc_kernel.py wraps the ops in autograd functions.
 //
@@ -231,16 +231,31 @@ struct ParameterGradients {
   Tensor a, b, proj, scale;
 };
 
-// The coefficients of one column range [q0, q0 + width) of every slot's row [Å[i, :] | Â[i, :] | Bᵀ[i, :]] (read:
-// the m columns of Å; write: the n + m of Â and Bᵀ), computed from a tile's state whenever they are needed.
+// Sizes of an op: the state's tiles and slots, and the sublayer side's tokens and read slots.
+struct Dims {
+  int64_t tiles, n, d, tokens, m;
+  Dims(const Tensor& h_tiles, const Tensor& sublayer_side)
+      : tiles(h_tiles.size(0)), n(h_tiles.size(1)), d(h_tiles.size(2)), tokens(sublayer_side.size(0)),
+        m(sublayer_side.size(1)) {
+    TORCH_CHECK(sublayer_side.size(2) == d && (tokens + kLanes - 1) / kLanes == tiles, "vwn_ghc: ", tokens,
+                " tokens of ", sublayer_side.size(1), " x ", sublayer_side.size(2), " for ", tiles, " tiles of ", n,
+                " x ", d);
+  }
+};
+
+enum class Side { read, write };
+
+// The coefficients of one side's columns of every slot's row [Å[i, :] | Â[i, :] | Bᵀ[i, :]] (read: the m columns of
+// Å; write: the n + m of Â and Bᵀ), [q0, q0 + width), computed from a tile's state whenever they are needed.
 class Mixing {
  public:
-  Mixing(const Parameters& p, int64_t d, double eps, int64_t q0, int64_t width)
-      : dynamic(p.proj.has_value()), n(p.a.size(0)), m(p.b.size(0)), d(d), k(2 * m + n), q0(q0), width(width),
-        eps_(static_cast<float>(eps)) {
+  Mixing(const Parameters& p, const Dims& s, double eps, Side side)
+      : dynamic(p.proj.has_value()), n(s.n), m(s.m), d(s.d), k(2 * m + n), q0(side == Side::read ? 0 : m),
+        width(side == Side::read ? m : n + m), eps_(static_cast<float>(eps)) {
     check_input(p.a, "A", 2);
     check_input(p.b, "B", 2);
-    TORCH_CHECK(p.a.size(1) == m + n && p.b.size(1) == n, "vwn_ghc: A must be (n, m + n) and B (m, n), got ",
+    TORCH_CHECK(p.a.size(0) == n && p.a.size(1) == m + n && p.b.size(0) == m && p.b.size(1) == n,
+                "vwn_ghc: A must be (n, m + n) and B (m, n), here (", n, ", ", m + n, ") and (", m, ", ", n, "), got ",
                 p.a.sizes(), " and ", p.b.sizes());
     const float* A = p.a.data_ptr<float>();
     const float* B = p.b.data_ptr<float>();
@@ -352,23 +367,24 @@ class Mixing {
   std::vector<float> static_, scale_, proj_;
 };
 
-// A thread's buffers for its tiles: the coefficients, and lane matrices of the given sizes.
+// A thread's buffers for its tiles: the coefficients of each GHC an op computes, and lane matrices of the given sizes.
 struct TileWork {
-  Coefficients coefficients;
+  std::vector<Coefficients> coefficients;
   std::vector<std::vector<v16>> buffers;
-  TileWork(const Mixing& mixing, std::initializer_list<int64_t> sizes) : coefficients(mixing.n, mixing.width) {
+  TileWork(std::initializer_list<const Mixing*> mixings, std::initializer_list<int64_t> sizes) {
+    for (const Mixing* mixing : mixings) coefficients.emplace_back(mixing->n, mixing->width);
     for (const int64_t size : sizes) buffers.emplace_back(size);
   }
   v16* operator[](std::size_t i) { return buffers[i].data(); }
 };
 
 // The tiles over the threads: body(work, tile, first token, token count) for each, `work` a TileWork of the
-// given lane-matrix sizes per thread.
+// given GHCs and lane-matrix sizes per thread.
 template <typename Body>
-void for_each_tile(int64_t tiles, int64_t tokens, const Mixing& mixing, std::initializer_list<int64_t> sizes,
-                   const Body& body) {
+void for_each_tile(int64_t tiles, int64_t tokens, std::initializer_list<const Mixing*> mixings,
+                   std::initializer_list<int64_t> sizes, const Body& body) {
   at::parallel_for(0, tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
-    TileWork work(mixing, sizes);
+    TileWork work(mixings, sizes);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kLanes;
       body(work, tile, t0, std::clamp<int64_t>(tokens - t0, 0, kLanes));
@@ -424,33 +440,67 @@ Tensor from_tiles(const Tensor& tiles, int64_t tokens) {
   return x;
 }
 
-// Sizes of an op: the state's tiles and slots, and the sublayer side's tokens and read slots.
-struct Dims {
-  int64_t tiles, n, d, tokens, m;
-  Dims(const Tensor& h_tiles, const Tensor& sublayer_side)
-      : tiles(h_tiles.size(0)), n(h_tiles.size(1)), d(h_tiles.size(2)), tokens(sublayer_side.size(0)),
-        m(sublayer_side.size(1)) {
-    TORCH_CHECK(sublayer_side.size(2) == d && (tokens + kLanes - 1) / kLanes == tiles, "vwn_ghc: ", tokens,
-                " tokens of ", sublayer_side.size(1), " x ", sublayer_side.size(2), " for ", tiles, " tiles of ", n,
-                " x ", d);
-  }
-};
+// ---- one tile of a read or a write, forward and backward; c holds the tile's coefficients, computed here ----
 
-// h (tiles) -> x (T, m, d), X[j] = Σ_i Å[i, j] H[i]
+// state h (n × d) -> x (m × d), X[j] = Σ_i Å[i, j] H[i]
+void read_tile(const Mixing& mixing, const v16* h, Coefficients& c, v16* x) {
+  mixing.forward(h, c);
+  product(result(x, mixing.d), transposed(c.coef.data(), mixing.m), matrix(h, mixing.d), mixing.m, mixing.d, mixing.n,
+          false);
+}
+
+// gradient gx (m × d) of x -> the state's gradient grad_h (n × d), written, or added with `accumulate`, and the
+// parameters' into this thread's sums; g_coef: n × m lanes of scratch
+void read_tile_backward(const Mixing& mixing, const v16* h, const v16* gx, Coefficients& c, v16* g_coef, v16* grad_h,
+                        bool accumulate, v16* sums) {
+  const int64_t n = mixing.n, d = mixing.d, m = mixing.m;
+  mixing.forward(h, c);
+  product(result(g_coef, m), matrix(h, d), transposed(gx, d), n, m, d, false);               // <H[i], G_X[j]>
+  product(result(grad_h, d), matrix(c.coef.data(), m), matrix(gx, d), n, d, m, accumulate);  // Σ_j Å[i, j] G_X[j]
+  mixing.backward(h, c, g_coef, grad_h, sums);
+}
+
+// state h (n × d), z (m × d) -> new state out (n × d), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
+void write_tile(const Mixing& mixing, const v16* h, const v16* z, Coefficients& c, v16* out) {
+  const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
+  mixing.forward(h, c);
+  const v16* coef = c.coef.data();
+  product(result(out, d), transposed(coef, width), matrix(h, d), n, d, n, false);  // Σ_i Â[i, j] H[i]
+  product(result(out, d), matrix(coef + n, width), matrix(z, d), n, d, m, true);   // + Σ_l Bᵀ[j, l] Z[l]
+}
+
+// gradient g (n × d) of the new state -> gradients of h (n × d) and z (m × d), and the parameters' into this thread's
+// sums; g_coef: n × (n + m) lanes of scratch
+void write_tile_backward(const Mixing& mixing, const v16* h, const v16* z, const v16* g, Coefficients& c, v16* g_coef,
+                         v16* grad_h, v16* grad_z, v16* sums) {
+  const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
+  mixing.forward(h, c);
+  const v16* coef = c.coef.data();
+  product(result(g_coef, width), matrix(h, d), transposed(g, d), n, n, d, false);         // <H[i], G[j]>
+  product(result(g_coef + n, width), matrix(g, d), transposed(z, d), n, m, d, false);      // <G[j], Z[l]>
+  product(result(grad_h, d), matrix(coef, width), matrix(g, d), n, d, n, false);          // Σ_j Â[i, j] G[j]
+  product(result(grad_z, d), transposed(coef + n, width), matrix(g, d), m, d, n, false);  // Σ_j Bᵀ[j, l] G[j]
+  mixing.backward(h, c, g_coef, grad_h, sums);
+}
+
+// ---- the ops ----
+//
+// A read, a write, and a write followed by the next GHC's read of the state it wrote (every GHC but the first reads
+// what the one before it wrote): one pass over the state each way instead of two, and the new state's two gradients
+// (through the next write and through the next read) summed in the tile rather than by a pass over the whole state.
+
+// h (tiles) -> x (T, m, d)
 Tensor read_forward(const Tensor& h, const Tensor& a, const Tensor& b, const std::optional<Tensor>& proj,
                     const std::optional<Tensor>& scale, double temperature, int64_t tokens, double eps) {
   check_tiles(h, "h");
   Tensor x = at::empty({tokens, b.size(0), h.size(2)}, h.options());
   const Dims s(h, x);
-  const Mixing mixing({a, b, proj, scale, temperature}, s.d, eps, 0, s.m);
+  const Mixing read({a, b, proj, scale, temperature}, s, eps, Side::read);
   float* X = x.data_ptr<float>();
-  const int64_t n = s.n, d = s.d, m = s.m;
-  for_each_tile(s.tiles, s.tokens, mixing, {m * d}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
-    const v16* ht = tile_of(h, tile);
-    v16* xt = work[0];
-    mixing.forward(ht, work.coefficients);
-    product(result(xt, d), transposed(work.coefficients.coef.data(), m), matrix(ht, d), m, d, n, false);
-    from_lanes(xt, m * d, count, X + t0 * m * d, m * d);
+  const int64_t row = s.m * s.d;
+  for_each_tile(s.tiles, s.tokens, {&read}, {row}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+    read_tile(read, tile_of(h, tile), work.coefficients[0], work[0]);
+    from_lanes(work[0], row, count, X + t0 * row, row);
   });
   return x;
 }
@@ -464,47 +514,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const 
   check_tiles(h, "h");
   check_input(grad_x, "grad_x", 3);
   const Dims s(h, grad_x);
-  const Mixing mixing({a, b, proj, scale, temperature}, s.d, eps, 0, s.m);
-  vwn::ThreadRows sums = parameter_sums(mixing);
+  const Mixing read({a, b, proj, scale, temperature}, s, eps, Side::read);
+  vwn::ThreadRows sums = parameter_sums(read);
   Tensor grad_h = at::empty_like(h);
   const float* GX = grad_x.data_ptr<float>();
-  const int64_t n = s.n, d = s.d, m = s.m;
-  for_each_tile(s.tiles, s.tokens, mixing, {m * d, n * m}, [&](TileWork& work, int64_t tile, int64_t t0,
-                                                             int64_t count) {
-    const v16* ht = tile_of(h, tile);
-    v16* ght = tile_of(grad_h, tile);
-    v16 *gxt = work[0], *g_coef = work[1];
-    const v16* coef = work.coefficients.coef.data();
-    to_lanes(GX + t0 * m * d, m * d, count, m * d, gxt);
-    mixing.forward(ht, work.coefficients);
-    product(result(g_coef, m), matrix(ht, d), transposed(gxt, d), n, m, d, false);  // <H[i], G_X[j]>
-    product(result(ght, d), matrix(coef, m), matrix(gxt, d), n, d, m, false);      // Σ_j Å[i, j] G_X[j]
-    mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums(sums));
+  const int64_t row = s.m * s.d;
+  for_each_tile(s.tiles, s.tokens, {&read}, {row, s.n * s.m},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+    to_lanes(GX + t0 * row, row, count, row, work[0]);
+    read_tile_backward(read, tile_of(h, tile), work[0], work.coefficients[0], work[1], tile_of(grad_h, tile), false,
+                       thread_sums(sums));
   });
-  const ParameterGradients g = mixing.gradients(sums, h);
+  const ParameterGradients g = read.gradients(sums, h);
   return {grad_h, g.a, g.proj, g.scale};
 }
 
-// h (tiles), z (T, m, d) -> new state (tiles), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
+// h (tiles), z (T, m, d) -> new state (tiles)
 Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& a, const Tensor& b,
                      const std::optional<Tensor>& proj, const std::optional<Tensor>& scale, double temperature,
                      double eps) {
   check_tiles(h, "h");
   check_input(z, "z", 3);
   const Dims s(h, z);
-  const Mixing mixing({a, b, proj, scale, temperature}, s.d, eps, s.m, s.n + s.m);  // row i: [Â[i, :] | Bᵀ[i, :]]
+  const Mixing write({a, b, proj, scale, temperature}, s, eps, Side::write);
   Tensor out = at::empty_like(h);
   const float* Z = z.data_ptr<float>();
-  const int64_t n = s.n, d = s.d, m = s.m, width = n + m;
-  for_each_tile(s.tiles, s.tokens, mixing, {m * d}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
-    const v16* ht = tile_of(h, tile);
-    v16* ot = tile_of(out, tile);
-    v16* zt = work[0];
-    const v16* coef = work.coefficients.coef.data();
-    to_lanes(Z + t0 * m * d, m * d, count, m * d, zt);
-    mixing.forward(ht, work.coefficients);
-    product(result(ot, d), transposed(coef, width), matrix(ht, d), n, d, n, false);  // Σ_i Â[i, j] H[i]
-    product(result(ot, d), matrix(coef + n, width), matrix(zt, d), n, d, m, true);   // + Σ_l Bᵀ[j, l] Z[l]
+  const int64_t row = s.m * s.d;
+  for_each_tile(s.tiles, s.tokens, {&write}, {row}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+    to_lanes(Z + t0 * row, row, count, row, work[0]);
+    write_tile(write, tile_of(h, tile), work[0], work.coefficients[0], tile_of(out, tile));
   });
   return out;
 }
@@ -518,30 +556,91 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(
   check_tiles(grad, "grad");
   TORCH_CHECK(grad.sizes() == h.sizes(), "vwn_ghc: grad ", grad.sizes(), " for a state of ", h.sizes());
   const Dims s(h, z);
-  const Mixing mixing({a, b, proj, scale, temperature}, s.d, eps, s.m, s.n + s.m);
-  vwn::ThreadRows sums = parameter_sums(mixing);
+  const Mixing write({a, b, proj, scale, temperature}, s, eps, Side::write);
+  vwn::ThreadRows sums = parameter_sums(write);
   Tensor grad_h = at::empty_like(h);
   Tensor grad_z = at::empty_like(z);
   const float* Z = z.data_ptr<float>();
   float* GZ = grad_z.data_ptr<float>();
-  const int64_t n = s.n, d = s.d, m = s.m, width = n + m;
-  for_each_tile(s.tiles, s.tokens, mixing, {m * d, m * d, n * width},
+  const int64_t row = s.m * s.d;
+  for_each_tile(s.tiles, s.tokens, {&write}, {row, row, s.n * write.width},
                 [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
-    const v16 *ht = tile_of(h, tile), *gt = tile_of(grad, tile);
-    v16* ght = tile_of(grad_h, tile);
-    v16 *zt = work[0], *gzt = work[1], *g_coef = work[2];
-    const v16* coef = work.coefficients.coef.data();
-    to_lanes(Z + t0 * m * d, m * d, count, m * d, zt);
-    mixing.forward(ht, work.coefficients);
-    product(result(g_coef, width), matrix(ht, d), transposed(gt, d), n, n, d, false);      // <H[i], G[j]>
-    product(result(g_coef + n, width), matrix(gt, d), transposed(zt, d), n, m, d, false);  // <G[j], Z[l]>
-    product(result(ght, d), matrix(coef, width), matrix(gt, d), n, d, n, false);           // Σ_j Â[i, j] G[j]
-    product(result(gzt, d), transposed(coef + n, width), matrix(gt, d), m, d, n, false);   // Σ_j Bᵀ[j, l] G[j]
-    mixing.backward(ht, work.coefficients, g_coef, ght, thread_sums(sums));
-    from_lanes(gzt, m * d, count, GZ + t0 * m * d, m * d);
+    to_lanes(Z + t0 * row, row, count, row, work[0]);
+    write_tile_backward(write, tile_of(h, tile), work[0], tile_of(grad, tile), work.coefficients[0], work[2],
+                        tile_of(grad_h, tile), work[1], thread_sums(sums));
+    from_lanes(work[1], row, count, GZ + t0 * row, row);
   });
-  const ParameterGradients g = mixing.gradients(sums, h);
+  const ParameterGradients g = write.gradients(sums, h);
   return {grad_h, grad_z, g.a, g.b, g.proj, g.scale};
+}
+
+// h (tiles), z (T, m, d) -> the write's new state (tiles) and the next GHC's read of it, x (T, m, d)
+std::tuple<Tensor, Tensor> write_read_forward(const Tensor& h, const Tensor& z, const Tensor& a, const Tensor& b,
+                                              const std::optional<Tensor>& proj, const std::optional<Tensor>& scale,
+                                              double temperature, double eps, const Tensor& next_a,
+                                              const Tensor& next_b, const std::optional<Tensor>& next_proj,
+                                              const std::optional<Tensor>& next_scale, double next_temperature,
+                                              double next_eps) {
+  check_tiles(h, "h");
+  check_input(z, "z", 3);
+  const Dims s(h, z);
+  const Mixing write({a, b, proj, scale, temperature}, s, eps, Side::write);
+  const Mixing read({next_a, next_b, next_proj, next_scale, next_temperature}, s, next_eps, Side::read);
+  Tensor out = at::empty_like(h);
+  Tensor x = at::empty_like(z);
+  const float* Z = z.data_ptr<float>();
+  float* X = x.data_ptr<float>();
+  const int64_t row = s.m * s.d;
+  for_each_tile(s.tiles, s.tokens, {&write, &read}, {row, row},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+    v16* out_tile = tile_of(out, tile);
+    to_lanes(Z + t0 * row, row, count, row, work[0]);
+    write_tile(write, tile_of(h, tile), work[0], work.coefficients[0], out_tile);
+    read_tile(read, out_tile, work.coefficients[1], work[1]);
+    from_lanes(work[1], row, count, X + t0 * row, row);
+  });
+  return {out, x};
+}
+
+// gradients of the new state out (tiles, through the next write) and of x (T, m, d) -> gradients of h (tiles),
+// z (T, m, d), this GHC's A, B, proj and scale, and the next GHC's A, proj and scale
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_read_backward(
+    const Tensor& h, const Tensor& z, const Tensor& out, const Tensor& a, const Tensor& b,
+    const std::optional<Tensor>& proj, const std::optional<Tensor>& scale, double temperature, double eps,
+    const Tensor& next_a, const Tensor& next_b, const std::optional<Tensor>& next_proj,
+    const std::optional<Tensor>& next_scale, double next_temperature, double next_eps, const Tensor& grad_out,
+    const Tensor& grad_x) {
+  check_tiles(h, "h");
+  check_tiles(out, "out");
+  check_tiles(grad_out, "grad_out");
+  check_input(z, "z", 3);
+  check_input(grad_x, "grad_x", 3);
+  TORCH_CHECK(out.sizes() == h.sizes() && grad_out.sizes() == h.sizes() && grad_x.sizes() == z.sizes(),
+              "vwn_ghc: out ", out.sizes(), ", grad_out ", grad_out.sizes(), " and grad_x ", grad_x.sizes(),
+              " for a state of ", h.sizes(), " and z of ", z.sizes());
+  const Dims s(h, z);
+  const Mixing write({a, b, proj, scale, temperature}, s, eps, Side::write);
+  const Mixing read({next_a, next_b, next_proj, next_scale, next_temperature}, s, next_eps, Side::read);
+  vwn::ThreadRows write_sums = parameter_sums(write), read_sums = parameter_sums(read);
+  Tensor grad_h = at::empty_like(h);
+  Tensor grad_z = at::empty_like(z);
+  const float *Z = z.data_ptr<float>(), *GX = grad_x.data_ptr<float>();
+  float* GZ = grad_z.data_ptr<float>();
+  const int64_t n = s.n, d = s.d, row = s.m * s.d;
+  for_each_tile(s.tiles, s.tokens, {&write, &read}, {row, row, row, n * d, n * write.width},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+    v16 *zt = work[0], *gxt = work[1], *gzt = work[2], *g = work[3], *g_coef = work[4];
+    to_lanes(Z + t0 * row, row, count, row, zt);
+    to_lanes(GX + t0 * row, row, count, row, gxt);
+    const v16* grad_out_tile = tile_of(grad_out, tile);
+    std::copy(grad_out_tile, grad_out_tile + n * d, g);
+    read_tile_backward(read, tile_of(out, tile), gxt, work.coefficients[1], g_coef, g, true, thread_sums(read_sums));
+    write_tile_backward(write, tile_of(h, tile), zt, g, work.coefficients[0], g_coef, tile_of(grad_h, tile), gzt,
+                        thread_sums(write_sums));
+    from_lanes(gzt, row, count, GZ + t0 * row, row);
+  });
+  const ParameterGradients w = write.gradients(write_sums, h), r = read.gradients(read_sums, h);
+  return {grad_h, grad_z, w.a, w.b, w.proj, w.scale, r.a, r.proj, r.scale};
 }
 
 // ---- the MTP module's merge, straight into the state's lane tiles ----
@@ -684,6 +783,13 @@ TORCH_LIBRARY(vwn_ghc, lib) {
           "float eps) -> Tensor");
   lib.def("write_backward(Tensor h, Tensor z, Tensor a, Tensor b, Tensor? proj, Tensor? scale, float temperature, "
           "float eps, Tensor grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  lib.def("write_read_forward(Tensor h, Tensor z, Tensor a, Tensor b, Tensor? proj, Tensor? scale, float temperature, "
+          "float eps, Tensor next_a, Tensor next_b, Tensor? next_proj, Tensor? next_scale, float next_temperature, "
+          "float next_eps) -> (Tensor, Tensor)");
+  lib.def("write_read_backward(Tensor h, Tensor z, Tensor out, Tensor a, Tensor b, Tensor? proj, Tensor? scale, "
+          "float temperature, float eps, Tensor next_a, Tensor next_b, Tensor? next_proj, Tensor? next_scale, "
+          "float next_temperature, float next_eps, Tensor grad_out, Tensor grad_x) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vwn_ghc, CPU, lib) {
@@ -695,4 +801,6 @@ TORCH_LIBRARY_IMPL(vwn_ghc, CPU, lib) {
   lib.impl("read_backward", &read_backward);
   lib.impl("write_forward", &write_forward);
   lib.impl("write_backward", &write_backward);
+  lib.impl("write_read_forward", &write_read_forward);
+  lib.impl("write_read_backward", &write_read_backward);
 }
