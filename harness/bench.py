@@ -347,7 +347,8 @@ class MatmulRecorder(TorchDispatchMode):
 def cross_entropy_matmuls(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
                           with_grads: bool) -> list[MatmulCall]:
     """The GEMMs the fused cross-entropy op (csrc/cross_entropy.cpp) makes, as dispatch would record them: per
-    chunk of rows h (c, D), the logits h Wᵀ, and with gradients the chunk's G W and the accumulated Gᵀ h."""
+    chunk of rows h (c, D), the logits h Wᵀ, and with gradients the chunk's G W and the accumulated hᵀ G (Wᵀ's
+    gradient)."""
     vocab, width = weight.shape
     calls = []
     for start in range(0, hidden.shape[0], chunk_rows):
@@ -355,7 +356,7 @@ def cross_entropy_matmuls(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         calls.append(("aten::mm", ((rows, width), Layout((width, vocab), (1, width)))))
         if with_grads:
             calls.append(("aten::mm", ((rows, vocab), (vocab, width))))
-            calls.append(("aten::addmm_", ((vocab, width), Layout((vocab, rows), (1, vocab)), (rows, width))))
+            calls.append(("aten::addmm_", ((width, vocab), Layout((width, rows), (1, width)), (rows, vocab))))
     return calls
 
 

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from harness import bench
 from harness.config import load_run_config
-from harness.model import accounting
+from harness.model import accounting, cpu_kernels
 from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.moe import expert_matmul
 
@@ -95,6 +95,20 @@ def test_matmul_recorder_counts_each_kernel_call_with_its_shapes_and_flops():
     assert flops[("aten::addmm", ((6,), (8, 16), weight_t))] == 2 * 8 * 16 * 6
     assert bench.replayed(weight_t).stride() == (1, 16)
     assert bench.matmul_seconds(recorder.calls, repeats=1) > 0
+
+
+def test_the_cross_entropy_ops_gemms_are_the_ones_the_recorder_counts():
+    """The fused cross-entropy's GEMMs run inside its C++ op, unseen by dispatch: `cross_entropy_matmuls` lists them
+    from its shapes. The profiler sees the calls themselves; both must agree (kernel, shapes, count)."""
+    assert cpu_kernels.available()
+    hidden, weight, targets = torch.randn(300, 16), torch.randn(40, 16), torch.randint(0, 40, (300,))
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.ops.vwn_ce.linear_cross_entropy(hidden, weight, targets, 128, True)  # 128 + 128 + 44 rows
+    made = sorted((e.name, tuple(tuple(shape) for shape in e.input_shapes[: bench.MATMULS[e.name].arguments]))
+                  for e in prof.events() if e.name in ("aten::mm", "aten::addmm_"))
+    listed = sorted((name, tuple(op.shape if isinstance(op, bench.Layout) else op for op in operands))
+                    for name, operands in bench.cross_entropy_matmuls(hidden, weight, targets, 128, True))
+    assert made == listed and len(made) == 9
 
 
 @pytest.mark.parametrize("grouped_mm, names", [

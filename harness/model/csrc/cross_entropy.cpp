@@ -17,7 +17,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/scalar_tensor.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -94,9 +94,11 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
   for (int64_t t = 0; t < rows; ++t)
     TORCH_CHECK(0 <= Y[t] && Y[t] < vocab, "vwn_ce: target ", Y[t], " out of range [0, ", vocab, ")");
 
-  Tensor grad_hidden = with_grads ? at::empty_like(hidden) : at::empty({0}, hidden.options());
-  Tensor grad_weight = with_grads ? at::zeros_like(weight) : at::empty({0}, weight.options());
   const int64_t dim = hidden.size(1), chunk_capacity = std::min(chunk_rows, rows);
+  Tensor grad_hidden = with_grads ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  // NOTE: Wᵀ's gradient, (D, V): MKL's GEMM adds hᵀ E, the chunk E the untransposed right operand, faster
+  // than Eᵀ h into (V, D) (16 chunks of 128 rows, V = 4096, D = 64: 7.8-7.9 against 10.2-10.9 ms)
+  Tensor grad_weight_t = with_grads ? at::zeros({dim, vocab}, weight.options()) : at::empty({0}, weight.options());
   Tensor logits = at::empty({chunk_capacity, vocab}, hidden.options());
   Tensor scaled_hidden = at::empty({chunk_capacity, dim}, hidden.options());  // h_t / Σ e_t
   std::vector<double> row_losses(rows);
@@ -118,7 +120,6 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
     at::mm_out(grad_h, chunk, weight);  // E W
     float* GH = grad_h.data_ptr<float>();
     float* HS = scaled_hidden.data_ptr<float>();
-    float* GW = grad_weight.data_ptr<float>();
     for (int64_t r = 0; r < count; ++r) {
       const float inverse = inverse_sums[r];
       const float* hr = H + (start + r) * dim;
@@ -129,12 +130,16 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
         HS[r * dim + c] = hr[c] * inverse;
       }
     }
-    grad_weight.addmm_(chunk.t(), scaled_hidden.narrow(0, 0, count));
-    for (int64_t r = 0; r < count; ++r) {  // - onehot(y_t) h_tᵀ, in order: targets repeat
-      float* gw_target = GW + Y[start + r] * dim;
-      const float* hr = H + (start + r) * dim;
+    grad_weight_t.addmm_(scaled_hidden.narrow(0, 0, count).t(), chunk);
+  }
+  Tensor grad_weight = with_grads ? grad_weight_t.t().contiguous() : grad_weight_t;
+  if (with_grads) {
+    float* GW = grad_weight.data_ptr<float>();
+    for (int64_t t = 0; t < rows; ++t) {  // - onehot(y_t) h_tᵀ, in order: targets repeat
+      float* gw_target = GW + Y[t] * dim;
+      const float* ht = H + t * dim;
 #pragma omp simd
-      for (int64_t c = 0; c < dim; ++c) gw_target[c] -= hr[c];
+      for (int64_t c = 0; c < dim; ++c) gw_target[c] -= ht[c];
     }
   }
   double total = 0.0;
