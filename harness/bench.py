@@ -177,6 +177,7 @@ def component_of(module: nn.Module, name: str) -> str | None:
 
 
 def in_range(label: str, method: Callable) -> Callable:
+    """`method`, each call inside a profiler range named `label`."""
     def call(*args, **kwargs):
         with record_function(label):
             return method(*args, **kwargs)

@@ -202,18 +202,21 @@ def fused_read(h: LaneTiles, parameters: MixingParameters, eps: float) -> torch.
     return x.view(*h.shape[:-2], -1)
 
 
+def _slot_rows(z: torch.Tensor, h: LaneTiles) -> torch.Tensor:
+    """Sublayer output z (..., m·d_b) as the ops take it: (tokens, m, d_b), contiguous."""
+    return z.reshape(h.shape[:-2].numel(), -1, h.shape[-1]).contiguous()
+
+
 def fused_write(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps: float) -> LaneTiles:
     """State h (lane tiles of (..., n, d_b)) and sublayer output z (..., m·d_b) -> new state, as lane tiles."""
-    z = z.reshape(h.shape[:-2].numel(), -1, h.shape[-1]).contiguous()
-    return LaneTiles(_Write.apply(_aligned(h.data), z, *parameters, eps), h.shape)
+    return LaneTiles(_Write.apply(_aligned(h.data), _slot_rows(z, h), *parameters, eps), h.shape)
 
 
 def fused_write_read(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps: float,
                      next_parameters: MixingParameters, next_eps: float) -> tuple[LaneTiles, torch.Tensor]:
     """`fused_write`, then the next GHC's `fused_read` of the new state, as one op: the new state's tiles pass through
     the cache once each way, and its two gradients (the next write's and the next read's) are summed tile by tile."""
-    z = z.reshape(h.shape[:-2].numel(), -1, h.shape[-1]).contiguous()
-    out, x = _WriteRead.apply(_aligned(h.data), z, *parameters, eps, *next_parameters, next_eps)
+    out, x = _WriteRead.apply(_aligned(h.data), _slot_rows(z, h), *parameters, eps, *next_parameters, next_eps)
     return LaneTiles(out, h.shape), x.view(*h.shape[:-2], -1)
 
 

@@ -190,6 +190,13 @@ Lanes result(v16* p, int64_t cols) { return {p, cols, 1}; }
 Broadcast parameters(const float* p, int64_t cols) { return {p, cols, 1}; }
 Broadcast parameters_transposed(const float* p, int64_t cols) { return {p, 1, cols}; }
 
+// Element `lanes_offset` of per-thread lane-matrix sums (ThreadRows of v16), summed over the threads and the lanes
+float lane_total(const vwn::ThreadRows& sums, int64_t lanes_offset) {
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += sums.total(lanes_offset * kLanes + l);
+  return sum;
+}
+
 // ---- the coefficients ----
 
 // rstd = 1 / √(mean square + eps) of `width` lane-matrix elements, per lane; 0 where the mean square is 0 (an empty
@@ -323,11 +330,7 @@ class Mixing {
 
   // The per-thread sums -> the parameters' gradients
   ParameterGradients gradients(const vwn::ThreadRows& sums, const Tensor& like) const {
-    auto total = [&](int64_t lanes_offset) {
-      float sum = 0.0f;
-      for (int l = 0; l < kLanes; ++l) sum += sums.total(lanes_offset * kLanes + l);
-      return sum;
-    };
+    auto total = [&](int64_t lanes_offset) { return lane_total(sums, lanes_offset); };
     ParameterGradients g{at::zeros({n, m + n}, like.options()), at::zeros({m, n}, like.options()),
                          at::empty({0}, like.options()), at::empty({0}, like.options())};
     float* GA = g.a.data_ptr<float>();
@@ -751,11 +754,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tens
       }
     }
   });
-  auto total = [&](int64_t lanes_offset) {
-    float value = 0.0f;
-    for (int l = 0; l < kLanes; ++l) value += sums.total(lanes_offset * kLanes + l);
-    return value;
-  };
+  auto total = [&](int64_t lanes_offset) { return lane_total(sums, lanes_offset); };
   Tensor grad_weight = at::empty_like(weight), grad_gamma_h = at::empty_like(gamma_h);
   Tensor grad_gamma_e = at::empty_like(gamma_e);
   float* DW = grad_weight.data_ptr<float>();
