@@ -5,13 +5,15 @@ For each config and virtual width (m, n) it times the training step exactly as `
 
     tokens_per_s         tokens / median step time, after warm-up
     mfu                  3 · forward FLOPs per token (`accounting`) · tokens_per_s / matmul rate,
-                         the matmul rate being a large fp32 `torch.mm` measured in the same process,
-                         before and after the timed steps (the faster of the two)
+                         the matmul rate being a large fp32 product measured in the same process,
+                         before and after the timed steps, on torch's `torch.mm` (MKL) and on oneDNN
+                         (`gemm`): the fastest of those (where MKL runs its AVX2 code, torch.mm alone
+                         would understate the machine by half)
     overhead_measured    median of step time / step time at r = 1 - 1 (0.20 = +20 %), each ratio of two steps
                          run back to back (`time_paired`); with the ratios' quartiles
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
-                         (mm, bmm, addmm, baddbmm and the MoE's grouped products, recorded with shapes
+                         (mm, bmm, addmm, baddbmm, oneDNN's linear and the MoE's grouped products, recorded with shapes
                          in one step), each as fast as it runs alone with warm caches (`matmul_ms`),
                          counting only the FLOPs those calls do (not the GHC products of the fused GHC
                          kernels): an upper bound for the matmul part of the step on this machine
@@ -63,7 +65,7 @@ from harness.config import RunConfig, load_run_config
 from harness.grid import load_grid
 from harness.lit import VWNModule
 from harness.memory import release_freed_memory, retain_freed_memory
-from harness.model import accounting, cpu_kernels
+from harness.model import accounting, cpu_kernels, gemm
 from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.moe import MixtureOfExperts, SwiGLU, expert_matmul, expert_weight_grad
 from harness.model.transformer import Attention, MultiTokenPredictor, ReduceHead, WideEmbedding
@@ -118,11 +120,18 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(call_seconds(fn, repeats))
 
 
-def matmul_flops_per_s(size: int = 4096, repeats: int = 5) -> float:
-    """Dense fp32 matmul rate of this process: a (size × size) @ (size × size) `torch.mm`."""
+def matmul_flops_per_s(size: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """Dense fp32 matmul rates of this process, a (size × size) @ (size × size) product: on torch.mm (MKL) and,
+    where torch has it, on oneDNN."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)  # warm-up: thread pool, MKL buffers
-    return 2 * size**3 / median_seconds(lambda: torch.mm(a, b), repeats)
+    products = {"mkl": lambda: torch.mm(a, b)}
+    if torch.backends.mkldnn.is_available():
+        products["onednn"] = lambda: gemm.onednn_linear(a, b)
+    rates = {}
+    for name, product in products.items():
+        product()  # warm-up: thread pool, buffers, oneDNN's kernel for the shape
+        rates[name] = 2 * size**3 / median_seconds(product, repeats)
+    return rates
 
 
 class TrainingStep:
@@ -275,18 +284,22 @@ def peak_allocated(prof: profile) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Matmul:
-    """A dense matmul kernel: how to call it, how many leading arguments describe a call, and where
-    its two factors sit among them (addmm/baddbmm: after the added tensor)."""
+    """A dense matmul kernel: how to call it, how many leading arguments describe a call, where
+    its two factors sit among them (addmm/baddbmm: after the added tensor), and whether it multiplies by the
+    second one's transpose."""
 
     kernel: Callable[..., torch.Tensor]
     arguments: int
     factors: slice
+    transposed: bool = False
 
 
 MATMULS: dict[str, Matmul] = {
     "aten::mm": Matmul(torch.mm, 2, slice(0, 2)), "aten::bmm": Matmul(torch.bmm, 2, slice(0, 2)),
     "aten::addmm": Matmul(torch.addmm, 3, slice(1, 3)), "aten::addmm_": Matmul(torch.addmm, 3, slice(1, 3)),
     "aten::baddbmm": Matmul(torch.baddbmm, 3, slice(1, 3)),
+    # a · bᵀ, b (N, K): the fused cross-entropy's products where `gemm` chooses oneDNN
+    "mkldnn::_linear_pointwise": Matmul(gemm.onednn_linear, 2, slice(0, 2), transposed=True),
     # the MoE's grouped products (x, w or grad, group ends): the group ends are recorded by value;
     # torch's kernel in eager, the custom ops when compiled
     "aten::_grouped_mm": Matmul(torch._grouped_mm, 3, slice(0, 2)),
@@ -346,14 +359,21 @@ class MatmulRecorder(TorchDispatchMode):
 
 
 def cross_entropy_matmuls(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
-                          with_grads: bool) -> list[MatmulCall]:
+                          with_grads: bool, onednn: bool) -> list[MatmulCall]:
     """The GEMMs the fused cross-entropy op (csrc/cross_entropy.cpp) makes, as dispatch would record them: per
-    chunk of rows h (c, D), the logits h Wᵀ, and with gradients the chunk's G W and the accumulated hᵀ G (Wᵀ's
-    gradient)."""
+    chunk of rows h (c, D), the logits h Wᵀ, and with gradients the chunk's G W and hᵀ G (Wᵀ's gradient,
+    accumulated: by addmm_ on MKL, a product and an add on oneDNN)."""
     vocab, width = weight.shape
     calls = []
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = min(chunk_rows, hidden.shape[0] - start)
+        if onednn:
+            calls.append(("mkldnn::_linear_pointwise", ((rows, width), (vocab, width))))
+            if with_grads:
+                calls.append(("mkldnn::_linear_pointwise", ((rows, vocab), Layout((width, vocab), (1, width)))))
+                calls.append(("mkldnn::_linear_pointwise", (Layout((width, rows), (1, width)),
+                                                            Layout((vocab, rows), (1, vocab)))))
+            continue
         calls.append(("aten::mm", ((rows, width), Layout((width, vocab), (1, width)))))
         if with_grads:
             calls.append(("aten::mm", ((rows, vocab), (vocab, width))))
@@ -363,8 +383,9 @@ def cross_entropy_matmuls(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 def matmul_flops(call: MatmulCall) -> int:
     """2·M·K·N, times the batch for bmm/baddbmm (for the grouped products: summed over the groups)."""
-    a, b = (operand.shape if isinstance(operand, Layout) else operand for operand in call[1][MATMULS[call[0]].factors])
-    return 2 * math.prod(a) * b[-1]
+    matmul = MATMULS[call[0]]
+    a, b = (operand.shape if isinstance(operand, Layout) else operand for operand in call[1][matmul.factors])
+    return 2 * math.prod(a) * (b[-2] if matmul.transposed else b[-1])
 
 
 def matmul_seconds(calls: collections.Counter[MatmulCall], repeats: int = 5) -> float:
@@ -568,7 +589,9 @@ def format_table(result: dict) -> str:
         breakdown = run["breakdown_ms"] or {}
         parts += [f"{breakdown[k]:.1f}" if k in breakdown else "-" for k in COMPONENTS]
         lines.append("| " + " | ".join(parts) + " |")
-    lines.append(f"\nmatmul rate: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; {result['threads']} threads, "
+    libraries = ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in result["matmul_flops_per_s_by_library"].items())
+    lines.append(f"\nmatmul rate: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (by library: {libraries}); "
+                 f"cross-entropy GEMMs on {result['cpu_gemm']}; {result['threads']} threads, "
                  f"compile: {result['compile']}, retain_freed_memory: {result['retain_freed_memory']}")
     for name, check in result["moe_vs_dense"].items():
         lines.append(f"MoE check ({name}): MoE layer {check['moe_ms']:.2f} ms vs dense SwiGLU of equal active "
@@ -637,7 +660,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * models)
     rates = [matmul_flops_per_s()]
     result = {"threads": torch.get_num_threads(), "compile": args.compile, "retain_freed_memory": retained,
-              "runs": [], "moe_vs_dense": {}}
+              "cpu_gemm": gemm.backend(), "runs": [], "moe_vs_dense": {}}
     for name, config in configs.items():
         result["runs"] += bench_config(name, config, pairs, rounds, per_round, args.compile)
         if config.model.n_experts > 0:
@@ -645,8 +668,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     # NOTE: the machine's rate is the faster of a measurement before and one after the timed steps: this
     # machine's speed drifts, and one measurement in a slow moment overstated every MFU by a quarter
     rates.append(matmul_flops_per_s())
-    result["matmul_flops_per_s"], result["matmul_flops_per_s_measured"] = max(rates), rates
-    result["runs"] = [with_mfu(run, max(rates)) for run in result["runs"]]
+    by_library = {name: max(r[name] for r in rates) for name in rates[0]}
+    result["matmul_flops_per_s"] = max(by_library.values())
+    result["matmul_flops_per_s_by_library"], result["matmul_flops_per_s_measured"] = by_library, rates
+    result["runs"] = [with_mfu(run, result["matmul_flops_per_s"]) for run in result["runs"]]
     write_outputs(result, Path(args.out))
     print(format_table(result))
     print(f"\nwrote {Path(args.out) / 'bench.json'} and bench.csv")

@@ -6,6 +6,17 @@ import argparse
 import sys
 
 
+def _environment_error() -> str | None:
+    """What is wrong with the environment settings that training reads (VWN_CPU_GEMM), before any work starts."""
+    from harness.model import gemm
+
+    try:
+        gemm.use_onednn()
+    except (ValueError, RuntimeError) as error:
+        return str(error)
+    return None
+
+
 def _train(args: argparse.Namespace) -> int:
     from harness.train import train_from_cli
 
@@ -80,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["bench"], ["train"], ["submit"]) and (error := _environment_error()):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if argv[:1] == ["bench"]:  # vwn bench owns its flags
         return _bench(argv[1:])
     args = parser().parse_args(argv)

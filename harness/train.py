@@ -27,7 +27,7 @@ from harness.callbacks import MetricsWriter, PeriodicCheckpoint
 from harness.config import ConfigError, RunConfig, dump_run_config, load_run_config
 from harness.data import TokenDataModule, check_data_config, prepare_corpus
 from harness.lit import DivergenceError, VWNModule
-from harness.model import accounting
+from harness.model import accounting, gemm
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -118,6 +118,7 @@ def versions() -> dict[str, str | None]:
         "lightning": L.__version__,
         "vwn-harness": metadata.version("vwn-harness"),
         "code_revision": code_revision(),
+        "cpu_gemm": gemm.backend(),  # the cross-entropy's GEMM library (harness.model.gemm)
     }
 
 

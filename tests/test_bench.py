@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from harness import bench
 from harness.config import load_run_config
-from harness.model import accounting, cpu_kernels
+from harness.model import accounting, cpu_kernels, gemm
 from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.moe import expert_matmul
 
@@ -97,18 +97,22 @@ def test_matmul_recorder_counts_each_kernel_call_with_its_shapes_and_flops():
     assert bench.matmul_seconds(recorder.calls, repeats=1) > 0
 
 
-def test_the_cross_entropy_ops_gemms_are_the_ones_the_recorder_counts():
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+def test_the_cross_entropy_ops_gemms_are_the_ones_the_recorder_counts(onednn):
     """The fused cross-entropy's GEMMs run inside its C++ op, unseen by dispatch: `cross_entropy_matmuls` lists them
     from its shapes. The profiler sees the calls themselves; both must agree (kernel, shapes, count)."""
     assert cpu_kernels.available()
     hidden, weight, targets = torch.randn(300, 16), torch.randn(40, 16), torch.randint(0, 40, (300,))
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        torch.ops.vwn_ce.linear_cross_entropy(hidden, weight, targets, 128, True)  # 128 + 128 + 44 rows
+        torch.ops.vwn_ce.linear_cross_entropy(hidden, weight, targets, 128, True, onednn)  # 128 + 128 + 44 rows
     made = sorted((e.name, tuple(tuple(shape) for shape in e.input_shapes[: bench.MATMULS[e.name].arguments]))
-                  for e in prof.events() if e.name in ("aten::mm", "aten::addmm_"))
+                  for e in prof.events() if e.name in bench.MATMULS)
     listed = sorted((name, tuple(op.shape if isinstance(op, bench.Layout) else op for op in operands))
-                    for name, operands in bench.cross_entropy_matmuls(hidden, weight, targets, 128, True))
+                    for name, operands in bench.cross_entropy_matmuls(hidden, weight, targets, 128, True, onednn))
     assert made == listed and len(made) == 9
+    flops = sum(bench.matmul_flops(call) for call in bench.cross_entropy_matmuls(hidden, weight, targets, 128, True,
+                                                                                 onednn))
+    assert flops == 3 * 2 * 300 * 16 * 40
 
 
 @pytest.mark.parametrize("grouped_mm, names", [
@@ -140,14 +144,17 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
     }
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(run_config))
-    rates = iter([1e10, 2e10])  # before and after the timed steps; the 4096² matmul is slow for a unit test
+    # before and after the timed steps, by library; the 4096² matmul is slow for a unit test
+    rates = iter([{"mkl": 1e10, "onednn": 0.5e10}, {"mkl": 0.8e10, "onednn": 2e10}])
     monkeypatch.setattr(bench, "matmul_flops_per_s", lambda: next(rates))
     out = tmp_path / "out"
     assert bench.bench_main(["--config", str(path), "--m", "2", "--r", "1", "1.5", "4",
                              "--rounds", "1", "--steps", "2", "--default-malloc", "--out", str(out)]) == 0
 
     result = json.loads((out / "bench.json").read_text())
-    assert result["matmul_flops_per_s"] == 2e10 and result["matmul_flops_per_s_measured"] == [1e10, 2e10]
+    assert result["matmul_flops_per_s"] == 2e10  # the fastest library at its faster measurement
+    assert result["matmul_flops_per_s_by_library"] == {"mkl": 1e10, "onednn": 2e10}
+    assert result["cpu_gemm"] == gemm.backend()
     runs = result["runs"]
     assert [(r["m"], r["n"], r["r"]) for r in runs] == [(1, 1, 1.0), (2, 3, 1.5), (2, 8, 4.0)]
     for run in runs:
@@ -191,9 +198,10 @@ def test_retain_freed_memory_applies_on_glibc():
     subprocess.run([sys.executable, "-c", code], check=platform.libc_ver()[0] == "glibc")
 
 
-def test_matmul_rate_is_a_plausible_flop_rate():
+def test_matmul_rates_are_plausible_flop_rates_on_both_libraries():
     torch.manual_seed(0)
-    assert 1e8 < bench.matmul_flops_per_s(size=256, repeats=3) < 1e14
+    rates = bench.matmul_flops_per_s(size=256, repeats=3)
+    assert set(rates) == {"mkl", "onednn"} and all(1e8 < rate < 1e14 for rate in rates.values())
 
 
 def test_compiled_step_matches_eager():

@@ -1,5 +1,5 @@
 """linear_cross_entropy: the chunked LM-head loss equals the plain (N, V)-logits cross-entropy, on the fused CPU
-kernel and on the torch code that other devices take."""
+kernel (its GEMMs on MKL and on oneDNN) and on the torch code that other devices take."""
 
 from __future__ import annotations
 
@@ -7,8 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.model import LanguageModel, ModelConfig, cpu_kernels
+from harness.model import LanguageModel, ModelConfig, cpu_kernels, gemm
 from harness.model.loss import _chunk_rows, linear_cross_entropy
+
+
+@pytest.fixture(params=["kernel on mkl", "kernel on onednn", "torch"])
+def path(request, monkeypatch) -> str:
+    """The fused kernel with its GEMMs on each library, and the torch code (as when the extension cannot build)."""
+    assert cpu_kernels.available(), "the CPU kernels did not build (see the warning)"
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "_built", False)
+    else:
+        monkeypatch.setattr(gemm, "use_onednn", lambda: request.param == "kernel on onednn")
+    return request.param
 
 
 def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,11 +75,13 @@ def test_the_kernel_rejects_targets_outside_the_vocabulary():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(10, 4), torch.tensor([0, 10, 2]))
 
 
-def test_the_kernels_softmax_is_accurate_to_fp32_rounding():
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+def test_the_kernels_softmax_is_accurate_to_fp32_rounding(onednn, monkeypatch):
     """Logits from 0 down to -300 (past fp32's exp underflow near -87), exact in fp32 (hidden (1, 1), weight
     [0 | offset]), over a vocabulary that is not a whole number of vectors (the scalar tail), the target at the
     top, the bottom and in between: every softmax entry (the weight's gradient) and the loss against float64."""
     assert cpu_kernels.available()
+    monkeypatch.setattr(gemm, "use_onednn", lambda: onednn)
     vocab = 1000 + 7
     offsets = torch.linspace(0.0, -300.0, vocab)  # steps of 0.3: the exp's range reduction sees every residue
     weight = torch.stack([torch.zeros(vocab), offsets], dim=1).requires_grad_()

@@ -10,14 +10,14 @@ the chunk is still in cache; only the (N, D) and (V, D) gradients are kept for t
 
 In fp32 on CPU the chunk loop is one fused C++ op (`csrc/cross_entropy.cpp`: one pass per chunk turns the
 logits into the gradient, where the torch code below makes about ten); the torch code serves other devices
-and is the tests' reference for the op.
+and is the tests' reference for the op. The op's GEMMs run on the library `gemm` chooses for the CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-from harness.model import cpu_kernels
+from harness.model import cpu_kernels, gemm
 
 CHUNK_BYTES = 2**21  # logits per chunk: 2 MB, (128, 4096) in fp32
 
@@ -32,7 +32,7 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     if cpu_kernels.applies(hidden, weight):
         total, grad_hidden, grad_weight = torch.ops.vwn_ce.linear_cross_entropy(
             hidden.contiguous(), weight.contiguous(), targets.long().contiguous(), _chunk_rows(weight.shape[0]),
-            with_grads)
+            with_grads, gemm.use_onednn())
         return total, grad_hidden if with_grads else None, grad_weight if with_grads else None
     total = hidden.new_zeros(())
     grad_hidden = torch.empty_like(hidden) if with_grads else None

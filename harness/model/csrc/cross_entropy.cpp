@@ -10,6 +10,9 @@
 //   grad_h_t = (E W)_t / Σ e_t - W[y_t],    grad_W = Eᵀ (h_t / Σ e_t) - Σ_t onehot(y_t) h_tᵀ
 // which saves a pass over the chunk; the row pass replaces about ten torch ops per chunk (amax, sub, exp,
 // sum, log, gather, div, an indexed subtract, ...), each a separate pass over the chunk.
+// The GEMMs run on MKL (at::mm) or on oneDNN (torch's mkldnn::_linear_pointwise), as harness/model/gemm.py
+// chooses for the CPU.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -35,6 +38,16 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kGrainRows = 8;
+
+// a (M, K) · bᵀ with b (N, K), either strided -> a new (M, N) tensor, through oneDNN
+Tensor onednn_linear(const Tensor& a, const Tensor& b) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, std::string_view,
+                        c10::List<std::optional<at::Scalar>>, std::optional<std::string_view>)>();
+  return op.call(a, b, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), "");
+}
 
 // One row of logits x (V) -> its loss term logsumexp(x) - x[target]; with `to_exp`, x becomes exp(x - max x)
 // in place and *inverse_sum = 1 / Σ exp(x - max x), so that softmax(x) = x · *inverse_sum.
@@ -76,9 +89,11 @@ inline double row_loss(float* __restrict x, int64_t vocab, int64_t target, bool 
 }
 
 // hidden (N, D), weight (V, D), targets (N,) int64 -> summed loss (scalar, fp32) and, if with_grads, the
-// gradients of that sum w.r.t. hidden (N, D) and weight (V, D) (else empty tensors)
+// gradients of that sum w.r.t. hidden (N, D) and weight (V, D) (else empty tensors); the GEMMs on oneDNN if
+// `onednn`, else on MKL
 std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, const Tensor& weight,
-                                                        const Tensor& targets, int64_t chunk_rows, bool with_grads) {
+                                                        const Tensor& targets, int64_t chunk_rows, bool with_grads,
+                                                        bool onednn) {
   for (const auto& [t, name] : {std::pair{&hidden, "hidden"}, std::pair{&weight, "weight"}})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2,
                 "vwn_ce: ", name, " must be a contiguous 2-D float32 CPU tensor, got ", t->sizes(), " ",
@@ -99,7 +114,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
   // NOTE: Wᵀ's gradient, (D, V): MKL's GEMM adds hᵀ E, the chunk E the untransposed right operand, faster
   // than Eᵀ h into (V, D) (16 chunks of 128 rows, V = 4096, D = 64: 7.8-7.9 against 10.2-10.9 ms)
   Tensor grad_weight_t = with_grads ? at::zeros({dim, vocab}, weight.options()) : at::empty({0}, weight.options());
-  Tensor logits = at::empty({chunk_capacity, vocab}, hidden.options());
+  Tensor logits = at::empty({onednn ? 0 : chunk_capacity, vocab}, hidden.options());  // oneDNN makes its own
   Tensor scaled_hidden = at::empty({chunk_capacity, dim}, hidden.options());  // h_t / Σ e_t
   std::vector<double> row_losses(rows);
   std::vector<float> inverse_sums(chunk_capacity);
@@ -108,8 +123,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
   for (int64_t start = 0; start < rows; start += chunk_rows) {
     const int64_t count = std::min(chunk_rows, rows - start);
     const Tensor h = hidden.narrow(0, start, count);
-    Tensor chunk = logits.narrow(0, 0, count);
-    at::mm_out(chunk, h, weight.t());
+    Tensor chunk = onednn ? onednn_linear(h, weight) : logits.narrow(0, 0, count);
+    if (!onednn) at::mm_out(chunk, h, weight.t());
     float* X = chunk.data_ptr<float>();
     at::parallel_for(0, count, kGrainRows, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
@@ -117,7 +132,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
     });
     if (!with_grads) continue;
     Tensor grad_h = grad_hidden.narrow(0, start, count);
-    at::mm_out(grad_h, chunk, weight);  // E W
+    // E W, into grad_h (MKL) or a new tensor that the scaling pass below moves into grad_h (oneDNN)
+    const Tensor product = onednn ? onednn_linear(chunk, weight.t()) : at::mm_out(grad_h, chunk, weight);
+    const float* P = product.data_ptr<float>();
     float* GH = grad_h.data_ptr<float>();
     float* HS = scaled_hidden.data_ptr<float>();
     for (int64_t r = 0; r < count; ++r) {
@@ -126,11 +143,15 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
       const float* w_target = W + Y[start + r] * dim;
 #pragma omp simd
       for (int64_t c = 0; c < dim; ++c) {
-        GH[r * dim + c] = GH[r * dim + c] * inverse - w_target[c];
+        GH[r * dim + c] = P[r * dim + c] * inverse - w_target[c];
         HS[r * dim + c] = hr[c] * inverse;
       }
     }
-    grad_weight_t.addmm_(scaled_hidden.narrow(0, 0, count).t(), chunk);
+    const Tensor scaled = scaled_hidden.narrow(0, 0, count);
+    if (onednn)
+      grad_weight_t.add_(onednn_linear(scaled.t(), chunk.t()));
+    else
+      grad_weight_t.addmm_(scaled.t(), chunk);
   }
   Tensor grad_weight = with_grads ? grad_weight_t.t().contiguous() : grad_weight_t;
   if (with_grads) {
@@ -150,8 +171,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy(const Tensor& hidden, co
 }  // namespace
 
 TORCH_LIBRARY(vwn_ce, lib) {
-  lib.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, int chunk_rows, bool with_grads)"
-          " -> (Tensor, Tensor, Tensor)");
+  lib.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, int chunk_rows, bool with_grads,"
+          " bool onednn) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vwn_ce, CPU, lib) { lib.impl("linear_cross_entropy", &linear_cross_entropy); }

@@ -1,0 +1,65 @@
+"""harness.model.gemm: which GEMM library the cross-entropy uses, and oneDNN's product on any operand layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import cli
+from harness.model import gemm
+
+AMD = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+AMD_AVX2 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2\n"
+INTEL = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """Set VWN_CPU_GEMM (None: unset) and forget the process's cached choice, before and after the test."""
+    def set_choice(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv("VWN_CPU_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("VWN_CPU_GEMM", value)
+        gemm.use_onednn.cache_clear()
+
+    yield set_choice
+    gemm.use_onednn.cache_clear()
+
+
+@pytest.mark.parametrize("cpuinfo, onednn", [(AMD, True), (AMD_AVX2, False), (INTEL, False), (None, False)],
+                         ids=["amd-avx512", "amd-avx2", "intel", "no-cpuinfo"])
+def test_auto_takes_onednn_on_non_intel_cpus_with_avx512(cpuinfo, onednn, tmp_path, monkeypatch, choice):
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    monkeypatch.setattr(gemm, "CPUINFO", path)
+    choice(None)
+    assert gemm.use_onednn() is onednn
+    assert gemm.backend() == ("onednn" if onednn else "mkl")
+
+
+@pytest.mark.parametrize("value, onednn", [("mkl", False), ("onednn", True)])
+def test_the_environment_variable_overrides_the_cpu_rule(value, onednn, choice):
+    choice(value)
+    assert gemm.use_onednn() is onednn
+
+
+def test_an_unknown_library_is_an_error_naming_the_allowed_values(choice, capsys):
+    choice("openblas")
+    with pytest.raises(ValueError, match="VWN_CPU_GEMM='openblas': allowed values are auto, mkl, onednn"):
+        gemm.use_onednn()
+    # the commands that train refuse it before any work starts
+    assert cli.main(["train", "--set", "train.tokens=1"]) == 2
+    assert "error: VWN_CPU_GEMM='openblas': allowed values are auto, mkl, onednn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "column slice"])
+def test_onednn_linear_is_a_times_b_transposed_on_any_layout(layout):
+    torch.manual_seed(0)
+    a, wide = torch.randn(37, 24), torch.randn(16, 48)
+    b = {"contiguous": wide[:, :24].contiguous(), "transposed": wide.T.contiguous()[:24].T,
+         "column slice": wide[:, 24:]}[layout]
+    assert b.shape == (16, 24)
+    torch.testing.assert_close(gemm.onednn_linear(a, b), a @ b.T, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gemm.onednn_linear(b, a), b @ a.T, rtol=1e-6, atol=1e-5)
