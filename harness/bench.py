@@ -13,7 +13,7 @@ For each config and virtual width (m, n) it times the training step exactly as `
                          run back to back (`time_paired`); with the ratios' quartiles
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
-                         (mm, bmm, addmm, baddbmm, oneDNN's linear and the MoE's grouped products, recorded with shapes
+                         (mm, bmm, addmm, baddbmm, oneDNN's products and the MoE's grouped ones, recorded with shapes
                          in one step), each as fast as it runs alone with warm caches (`matmul_ms`),
                          counting only the FLOPs those calls do (not the GHC products of the fused GHC
                          kernels): an upper bound for the matmul part of the step on this machine
@@ -298,7 +298,7 @@ MATMULS: dict[str, Matmul] = {
     "aten::mm": Matmul(torch.mm, 2, slice(0, 2)), "aten::bmm": Matmul(torch.bmm, 2, slice(0, 2)),
     "aten::addmm": Matmul(torch.addmm, 3, slice(1, 3)), "aten::addmm_": Matmul(torch.addmm, 3, slice(1, 3)),
     "aten::baddbmm": Matmul(torch.baddbmm, 3, slice(1, 3)),
-    # a · bᵀ, b (N, K): the fused cross-entropy's products where `gemm` chooses oneDNN
+    # a · bᵀ, b (N, K): the products `gemm` puts on oneDNN (linears, experts, the fused cross-entropy's)
     "mkldnn::_linear_pointwise": Matmul(gemm.onednn_linear, 2, slice(0, 2), transposed=True),
     # the MoE's grouped products (x, w or grad, group ends): the group ends are recorded by value;
     # torch's kernel in eager, the custom ops when compiled

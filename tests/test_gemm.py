@@ -63,3 +63,35 @@ def test_onednn_linear_is_a_times_b_transposed_on_any_layout(layout):
     assert b.shape == (16, 24)
     torch.testing.assert_close(gemm.onednn_linear(a, b), a @ b.T, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(gemm.onednn_linear(b, a), b @ a.T, rtol=1e-6, atol=1e-5)
+
+
+def test_linear_and_its_gradients_equal_f_linear_on_onednn(monkeypatch):
+    monkeypatch.setattr(gemm, "use_onednn", lambda: True)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    for weight in (torch.randn(16, 24), torch.randn(24, 16).T, torch.randn(16, 48)[:, 24:]):  # as nn.Linear, .T, slice
+        weight.requires_grad_()
+        assert gemm.takes(x, weight)
+        out = gemm.linear(x, weight)
+        grads = torch.autograd.grad(out, (x, weight), torch.ones_like(out) * torch.arange(16.0))
+        want = torch.nn.functional.linear(x.double(), weight.double())
+        want_grads = torch.autograd.grad(want, (x, weight), torch.ones_like(want) * torch.arange(16.0).double())
+        torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-5)
+        for grad, want_grad in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-6, atol=1e-4)
+
+
+def test_linear_keeps_torch_outside_fp32_cpu_eager(monkeypatch):
+    monkeypatch.setattr(gemm, "use_onednn", lambda: True)
+    x, weight = torch.randn(4, 8), torch.randn(3, 8)
+    assert gemm.takes(x, weight) and not gemm.takes(x.double(), weight.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gemm.takes(x, weight)
+    monkeypatch.setattr(gemm, "use_onednn", lambda: False)
+    assert not gemm.takes(x, weight)
+    assert gemm.linear(x, weight).grad_fn is None  # torch's F.linear, no autograd function of ours
+
+
+def test_a_linear_module_keeps_nn_linears_parameter_and_state_dict_key():
+    layer = gemm.Linear(8, 3)
+    assert isinstance(layer, torch.nn.Linear) and layer.bias is None and list(layer.state_dict()) == ["weight"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.model import LanguageModel, ModelConfig
+from harness.model import LanguageModel, ModelConfig, gemm
 from harness.model.ghc import GeneralizedHyperConnection
-from harness.model.moe import MixtureOfExperts, expert_matmul, gated_silu
+from harness.model.moe import MixtureOfExperts, bucketed, expert_matmul, expert_windows, gated_silu, grouped_matmul
 from harness.model.transformer import ReduceHead, rotary_tables
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, top_k=2, d_ff=32)
@@ -375,3 +375,42 @@ def test_expert_matmul_grouped_kernel_matches_a_loop_over_experts(ends):
         torch.testing.assert_close(a, b.float())
     torch.library.opcheck(expert_matmul, (x, w, ends_t))
     torch.library.opcheck(expert_matmul, (x64, w64, ends_t))  # the loop
+
+
+def test_expert_row_buckets_are_few_and_waste_at_most_an_eighth():
+    sizes = {bucketed(rows) for rows in range(1, 5000)}
+    assert all(rows <= bucketed(rows) <= 1.125 * rows for rows in range(1, 5000))
+    assert len(sizes) < 110  # eight per power of two above 8
+
+
+# windows past their group: into the next one (17 rows in 18), and the last one's back into the one before (61 in 64)
+EXPERT_ENDS = {"ragged": [17, 39, 39, 100], "empty first": [0, 61, 61, 100], "one expert": [100, 100, 100, 100]}
+
+
+@pytest.mark.parametrize("ends", EXPERT_ENDS.values(), ids=EXPERT_ENDS.keys())
+def test_expert_windows_hold_their_group_inside_the_rows(ends):
+    start = 0
+    for (first, rows, offset, size), end in zip(expert_windows(ends, 100), ends, strict=True):
+        assert size == end - start and first >= 0 and first + rows <= 100 and rows == min(100, bucketed(size))
+        assert first + offset == start and offset + size <= rows
+        start = end
+    assert any(rows > size for _, rows, _, size in expert_windows(EXPERT_ENDS["ragged"], 100))
+
+
+@pytest.mark.parametrize("ends", [EXPERT_ENDS["ragged"], EXPERT_ENDS["empty first"]], ids=["ragged", "empty first"])
+def test_experts_on_onednn_equal_the_per_expert_loop(ends, monkeypatch):
+    monkeypatch.setattr(gemm, "use_onednn", lambda: True)
+    torch.manual_seed(0)
+    x, w = torch.randn(100, 24, requires_grad=True), torch.randn(4, 24, 32, requires_grad=True)
+    ends = torch.tensor(ends, dtype=torch.int32)
+    out = grouped_matmul(x, w, ends)
+    assert type(out.grad_fn).__name__ == "_OneDNNGroupedMatmulBackward"
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w), grad_out)
+    bounds = [0, *ends.tolist()]
+    groups = zip(bounds[:-1], bounds[1:], strict=True)
+    want = torch.cat([x[a:b].double() @ w[e].double() for e, (a, b) in enumerate(groups)])
+    want_grads = torch.autograd.grad(want, (x, w), grad_out.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-5)
+    for grad, want_grad in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-6, atol=1e-4)

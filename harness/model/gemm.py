@@ -1,20 +1,20 @@
-"""Which fp32 GEMM library runs the LM head's cross-entropy products on CPU: MKL (torch's default) or oneDNN.
+"""Which fp32 GEMM library the model's CPU products run on, MKL (torch's default) or oneDNN, and `linear` on it.
 
 torch runs fp32 matmuls on CPU through MKL, whose sgemm takes its AVX-512 code only on Intel CPUs. On an AMD
 EPYC with AVX-512 (Zen 5, 2 cores, 2026-12-01) it runs its AVX2 code: a 4096² product at 189 GFLOP/s, where
-oneDNN, which torch also carries (`mkldnn::_linear_pointwise`, inductor's fused linear), reaches 396; the
-cross-entropy's per-chunk products ((128, 64) × (64, 4096) and its two gradients) went from 166-182 to 315-413
-GFLOP/s, and one loss forward + backward at 2048 tokens from 23.8 to 11.6 ms. MKL on Intel was measured well by
-this project before (238-314 GFLOP/s at 4096²), so the choice is by CPU vendor:
+oneDNN, which torch also carries (`mkldnn::_linear_pointwise`, inductor's fused linear), reaches 396; the LM
+head's per-chunk products ((128, 64) × (64, 4096) and its two gradients) went from 166-182 to 315-413 GFLOP/s.
+MKL on Intel was measured well by this project before (238-314 GFLOP/s at 4096²), so the choice is by CPU vendor:
 
     VWN_CPU_GEMM = auto (default) | mkl | onednn
     auto: oneDNN on x86-64 CPUs with AVX-512 that are not Intel's, where torch has it; MKL everywhere else
 
-The rest of the model stays on torch's matmuls (MKL), measured: its linears through oneDNN gained nothing in the
-step, and oneDNN compiles a kernel for every new shape (~0.5 ms each), which the MoE's per-expert products, whose
-row counts change every step, would pay again and again. The choice is made once per process (a resumed run on
-the same machine makes the same one); the libraries sum in other orders, so the gradients differ in the last
-bits (relative 6e-7).
+On oneDNN go the cross-entropy's products (inside its C++ op), every `Linear` / `linear`, forward and input
+gradient, and the MoE's per-expert products (`moe.grouped_matmul`); weight gradients stay on torch's matmuls
+(MKL), where oneDNN was no faster (T = 2048: (64, 64) = gᵀ x in 115-169 µs against 96-104). In the training step
+(same process, alternated): the cross-entropy 23.8 → 11.6 ms at the tiny config; the rest, tiny r = 1 × 0.97-1.02
+(within the noise), small r = 1 × 0.79, (2,8) × 0.82. The choice is made once per process (a resumed run on the
+same machine makes the same one); the libraries sum in other orders, so results differ in the last bits.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 BACKENDS = ("auto", "mkl", "onednn")
 CPUINFO = Path("/proc/cpuinfo")
@@ -67,3 +68,41 @@ def _plain(matrix: torch.Tensor) -> torch.Tensor:
 def onednn_linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (M, K) · bᵀ, b (N, K) -> (M, N), through oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(_plain(a), _plain(b), None, "none", [], "")
+
+
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether these operands' product goes through oneDNN: `use_onednn`, and fp32 CPU tensors outside autocast and
+    torch.compile (which picks its own kernels)."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and use_onednn())
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return onednn_linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = onednn_linear(grad, weight.T) if ctx.needs_input_grad[0] else None
+        grad_weight = grad.T @ x if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) · weightᵀ, weight (N, K) -> (..., N): F.linear without bias, on oneDNN where it `takes` them."""
+    if takes(x, weight):
+        return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return nn.functional.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias, its product through `linear` (the same parameter and state-dict key)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)

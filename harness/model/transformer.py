@@ -24,6 +24,7 @@ from torch import nn
 
 from harness.model import cpu_kernels, ghc_kernel
 from harness.model.config import ModelConfig
+from harness.model.gemm import Linear, linear
 from harness.model.ghc import (
     GeneralizedHyperConnection,
     State,
@@ -91,8 +92,8 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.qkv = Linear(d_model, 3 * d_model)
+        self.out = Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). In fp32 on CPU with heads of a multiple of 8 channels, rotary and attention
@@ -152,7 +153,7 @@ class WideEmbedding(nn.Module):
         self.shape = (config.n, config.d_slot)
         factorized = config.embedding == "factorized"
         self.table = nn.Embedding(config.vocab_size, config.d_model if factorized else config.d_wide)
-        self.expand = nn.Linear(config.d_model, config.d_wide, bias=False) if factorized else None
+        self.expand = Linear(config.d_model, config.d_wide) if factorized else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         e = self.table(tokens)
@@ -171,7 +172,7 @@ class ReduceHead(nn.Module):
         wide = config.n > config.m
         groups = config.d_wide // config.d_model
         self.group_norm = nn.GroupNorm(groups, config.d_wide, eps=config.norm_eps) if config.uses_group_norm else None
-        self.reduce = nn.Linear(config.d_wide, config.d_model, bias=False) if wide else None
+        self.reduce = Linear(config.d_wide, config.d_model) if wide else None
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ class ReduceHead(nn.Module):
             # passes over (tokens, D') (head forward + backward at (2, 16): 4.4 -> 3.4 ms).
             norm = self.group_norm
             x = F.layer_norm(x.unflatten(-1, (norm.num_groups, -1)), (x.shape[-1] // norm.num_groups,), eps=norm.eps)
-            x = F.linear(x.flatten(-2), self.reduce.weight * norm.weight, self.reduce.weight @ norm.bias)
+            x = linear(x.flatten(-2), self.reduce.weight * norm.weight) + self.reduce.weight @ norm.bias
         elif self.reduce is not None:
             x = self.reduce(x)
         return self.norm(x)
@@ -200,7 +201,7 @@ class MultiTokenPredictor(nn.Module):
         super().__init__()
         self.hidden_norm = RMSNorm(config.d_wide, eps=config.norm_eps)
         self.embed_norm = RMSNorm(config.d_wide, eps=config.norm_eps)
-        self.merge = nn.Linear(2 * config.d_slot, config.d_slot, bias=False)  # one Linear shared by all n slots
+        self.merge = Linear(2 * config.d_slot, config.d_slot)  # one Linear shared by all n slots
         self.block = Block(config)
         self.head = ReduceHead(config)
 
@@ -220,7 +221,7 @@ class MultiTokenPredictor(nn.Module):
         embed = self.embed_norm(next_embed.flatten(-2)).view_as(h)
         # [hidden ; embed] W = hidden W_h + embed W_e, without the (B, T, n, 2·d_b) concatenation
         w_hidden, w_embed = self.merge.weight.chunk(2, dim=1)
-        return F.linear(hidden, w_hidden) + F.linear(embed, w_embed)
+        return linear(hidden, w_hidden) + linear(embed, w_embed)
 
 
 @dataclass
@@ -240,7 +241,7 @@ class LanguageModel(nn.Module):
         self.embed = WideEmbedding(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.head = ReduceHead(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size)
         self.mtp = MultiTokenPredictor(config) if config.mtp else None
         cos, sin = rotary_tables(config.seq_len, config.d_model // config.n_heads, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
