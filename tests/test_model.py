@@ -8,9 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.model import LanguageModel, ModelConfig, gemm
+from harness.model import LanguageModel, ModelConfig, cpu_kernels, gemm
 from harness.model.ghc import GeneralizedHyperConnection
-from harness.model.moe import MixtureOfExperts, bucketed, expert_matmul, expert_windows, gated_silu, grouped_matmul
+from harness.model.moe import (
+    MixtureOfExperts,
+    _OneDNNExperts,
+    bucketed,
+    expert_matmul,
+    expert_windows,
+    gated_silu,
+)
 from harness.model.transformer import ReduceHead, rotary_tables
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=16, n_experts=4, top_k=2, d_ff=32)
@@ -383,6 +390,17 @@ def test_expert_row_buckets_are_few_and_waste_at_most_an_eighth():
     assert len(sizes) < 110  # eight per power of two above 8
 
 
+def autograd_nodes(out: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind `out`."""
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 # windows past their group: into the next one (17 rows in 18), and the last one's back into the one before (61 in 64)
 EXPERT_ENDS = {"ragged": [17, 39, 39, 100], "empty first": [0, 61, 61, 100], "one expert": [100, 100, 100, 100]}
 
@@ -398,19 +416,37 @@ def test_expert_windows_hold_their_group_inside_the_rows(ends):
 
 
 @pytest.mark.parametrize("ends", [EXPERT_ENDS["ragged"], EXPERT_ENDS["empty first"]], ids=["ragged", "empty first"])
-def test_experts_on_onednn_equal_the_per_expert_loop(ends, monkeypatch):
+def test_experts_on_onednn_equal_each_experts_swiglu(ends, monkeypatch):
+    """The MoE's experts as one oneDNN function (windows past their groups both ways, an empty expert) against each
+    expert's SwiGLU on its own rows in float64: the output and the gradients of rows, W_in and W_out."""
+    assert cpu_kernels.available()
     monkeypatch.setattr(gemm, "use_onednn", lambda: True)
     torch.manual_seed(0)
-    x, w = torch.randn(100, 24, requires_grad=True), torch.randn(4, 24, 32, requires_grad=True)
+    x = torch.randn(100, 24, requires_grad=True)
+    w_in, w_out = (0.3 * torch.randn(4, 24, 32)).requires_grad_(), (0.3 * torch.randn(4, 16, 24)).requires_grad_()
     ends = torch.tensor(ends, dtype=torch.int32)
-    out = grouped_matmul(x, w, ends)
-    assert type(out.grad_fn).__name__ == "_OneDNNGroupedMatmulBackward"
+    out = _OneDNNExperts.apply(x, w_in, w_out, ends)
     grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (x, w), grad_out)
+    grads = torch.autograd.grad(out, (x, w_in, w_out), grad_out)
     bounds = [0, *ends.tolist()]
-    groups = zip(bounds[:-1], bounds[1:], strict=True)
-    want = torch.cat([x[a:b].double() @ w[e].double() for e, (a, b) in enumerate(groups)])
-    want_grads = torch.autograd.grad(want, (x, w), grad_out.double())
-    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-5)
+    groups = enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    want = torch.cat([gated_silu(x[a:b].double() @ w_in[e].double()) @ w_out[e].double() for e, (a, b) in groups])
+    want_grads = torch.autograd.grad(want, (x, w_in, w_out), grad_out.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     for grad, want_grad in zip(grads, want_grads, strict=True):
-        torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_moe_layer_takes_the_onednn_experts_where_gemm_chooses_onednn(monkeypatch):
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(16, 8, 4, 2, 0, False, 0.0)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 8, 16)
+    outs = {}
+    for onednn in (False, True):
+        monkeypatch.setattr(gemm, "use_onednn", lambda onednn=onednn: onednn)
+        out, _ = moe(x)
+        assert ("_OneDNNExpertsBackward" in autograd_nodes(out)) is onednn
+        outs[onednn] = out
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)
