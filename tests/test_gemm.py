@@ -81,6 +81,20 @@ def test_linear_and_its_gradients_equal_f_linear_on_onednn(monkeypatch):
             torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-6, atol=1e-4)
 
 
+def test_linear_with_a_bias_and_its_gradients_equal_f_linear_on_onednn(monkeypatch):
+    monkeypatch.setattr(gemm, "use_onednn", lambda: True)
+    torch.manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, requires_grad=True) for shape in ((6, 8), (3, 8), (3,)))
+    out = gemm.linear(x, weight, bias)
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_OneDNNLinearBackward"  # under the view back
+    grads = torch.autograd.grad(out, (x, weight, bias), torch.arange(18.0).view(6, 3))
+    want = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    want_grads = torch.autograd.grad(want, (x, weight, bias), torch.arange(18.0).view(6, 3).double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-5)
+    for grad, want_grad in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-6, atol=1e-4)
+
+
 def test_linear_keeps_torch_outside_fp32_cpu_eager(monkeypatch):
     monkeypatch.setattr(gemm, "use_onednn", lambda: True)
     x, weight = torch.randn(4, 8), torch.randn(3, 8)

@@ -66,9 +66,9 @@ def _plain(matrix: torch.Tensor) -> torch.Tensor:
     return matrix if matrix.is_contiguous() or matrix.T.is_contiguous() else matrix.contiguous()
 
 
-def onednn_linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) · bᵀ, b (N, K) -> (M, N), through oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(_plain(a), _plain(b), None, "none", [], "")
+def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) · bᵀ (+ bias (N,)), b (N, K) -> (M, N), through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(_plain(a), _plain(b), bias, "none", [], "")
 
 
 def takes(*tensors: torch.Tensor) -> bool:
@@ -80,23 +80,26 @@ def takes(*tensors: torch.Tensor) -> bool:
 
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return onednn_linear(x, weight)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad_x = onednn_linear(grad, weight.T) if ctx.needs_input_grad[0] else None
         grad_weight = grad.T @ x if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., K) · weightᵀ, weight (N, K) -> (..., N): F.linear without bias, on oneDNN where it `takes` them."""
-    if takes(x, weight):
-        return _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
-    return nn.functional.linear(x, weight)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) · weightᵀ + bias, weight (N, K), bias (N,) or None -> (..., N): F.linear, on oneDNN where it
+    `takes` them."""
+    if takes(x, weight, *([] if bias is None else [bias])):
+        out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return nn.functional.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):

@@ -185,7 +185,7 @@ class ReduceHead(nn.Module):
             # passes over (tokens, D') (head forward + backward at (2, 16): 4.4 -> 3.4 ms).
             norm = self.group_norm
             x = F.layer_norm(x.unflatten(-1, (norm.num_groups, -1)), (x.shape[-1] // norm.num_groups,), eps=norm.eps)
-            x = linear(x.flatten(-2), self.reduce.weight * norm.weight) + self.reduce.weight @ norm.bias
+            x = linear(x.flatten(-2), self.reduce.weight * norm.weight, self.reduce.weight @ norm.bias)
         elif self.reduce is not None:
             x = self.reduce(x)
         return self.norm(x)
