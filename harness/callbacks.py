@@ -26,10 +26,12 @@ class MetricsWriter(L.Callback):
 
     tokens_per_s counts only time spent in training batches (not evaluation or checkpointing), so it
     is comparable with `vwn bench`. On resume, rows beyond the restored step are dropped first, so the
-    file reads as if the run had never stopped."""
+    file reads as if the run had never stopped; an evaluation due at the restored step that never
+    wrote its row (the checkpoint is written before the step's evaluation, and the process stopped in
+    between) runs first."""
 
-    def __init__(self, path: Path, log_every: int, tokens_per_step: int) -> None:
-        self.path, self.log_every, self.tokens_per_step = path, log_every, tokens_per_step
+    def __init__(self, path: Path, log_every: int, val_every: int, tokens_per_step: int) -> None:
+        self.path, self.log_every, self.val_every, self.tokens_per_step = path, log_every, val_every, tokens_per_step
         self.batch_started = 0.0
         self.train_seconds = 0.0  # since the last training row
         self.grad_norm: float | None = None
@@ -37,8 +39,12 @@ class MetricsWriter(L.Callback):
         self.last_train_step = -1
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self._truncate_after(trainer.global_step)
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        self._truncate_after(step)
+        if step > 0 and step % self.val_every == 0 and self.last_val_step != step:
+            self._evaluate(trainer, module)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -96,15 +102,17 @@ class MetricsWriter(L.Callback):
         self._append({"step": trainer.global_step, "tokens": trainer.global_step * self.tokens_per_step}
                      | module.validation_means())
 
+    def on_train_end(self, trainer, module) -> None:
+        """Evaluate the final step too when the evaluation schedule did not end on it."""
+        if trainer.global_step != self.last_val_step:
+            self._evaluate(trainer, module)
 
     @torch.no_grad()
-    def on_train_end(self, trainer, module) -> None:
-        """Evaluate the final step too when the evaluation schedule did not end on it.
+    def _evaluate(self, trainer, module) -> None:
+        """One evaluation of the held-out set at the trainer's step, written like a scheduled one.
 
         NOTE: done here rather than with trainer.validate() so it also happens inside ddp_spawn
         workers, where the trainer's step is known."""
-        if trainer.global_step == self.last_val_step:
-            return
         module.eval()
         module.on_validation_epoch_start()
         for index, window in enumerate(trainer.datamodule.val_dataloader()):
@@ -118,8 +126,9 @@ class PeriodicCheckpoint(L.Callback):
     asked to stop (SIGTERM, SIGUSR1, SIGUSR2).
 
     On a signal the checkpoint is written at the next step boundary; then the handler that was
-    installed before ours runs (e.g. submitit's, which requeues the job) or, if there was none,
-    the process exits with code 128 + signal number."""
+    installed before ours runs (e.g. submitit's, which requeues the job; for SIGTERM Lightning's,
+    whose loop then raises SIGTERMException) or, if there was none, the process exits with code
+    128 + signal number."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -130,6 +139,12 @@ class PeriodicCheckpoint(L.Callback):
         self.previous_handlers: dict[int, object] = {}
 
     def on_train_end(self, trainer, module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
         for sig, handler in self.previous_handlers.items():
             signal.signal(sig, handler)
 

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from harness.callbacks import MetricsWriter, PeriodicCheckpoint
 from harness.config import ConfigError, RunConfig, dump_run_config, load_run_config
@@ -72,7 +74,7 @@ def read_progress(metrics_path: Path) -> tuple[int, dict[str, float | None]]:
 
 def build_trainer(config: RunConfig, run_dir: Path) -> L.Trainer:
     train = config.train
-    metrics = MetricsWriter(run_dir / "metrics.csv", train.log_every, config.tokens_per_step)
+    metrics = MetricsWriter(run_dir / "metrics.csv", train.log_every, train.val_every, config.tokens_per_step)
     under_slurm = SLURMEnvironment.detect()
     strategy = "auto" if train.devices == 1 else ("ddp" if under_slurm else "ddp_spawn")
     trainer = L.Trainer(
@@ -200,7 +202,10 @@ def train_from_cli(config_path: str | None, overrides: list[str], out: str | Non
     run_dir = Path(out) if out else Path("results") / stem / config.run_id()
     print(f"run {config.run_id()} -> {run_dir} ({config.max_steps} steps, "
           f"{config.max_steps * config.tokens_per_step:,} tokens)", file=sys.stderr)
-    summary = run_training(config, run_dir)
+    try:
+        summary = run_training(config, run_dir)
+    except SIGTERMException:  # Lightning's own SIGTERM handler stops the loop with a SystemExit of code 0
+        return 128 + signal.SIGTERM
     if summary["status"] != "done":
         print(f"error: run {summary['run_id']} {summary['error']}", file=sys.stderr)
         return 1

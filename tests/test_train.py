@@ -11,14 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch._dynamo.utils
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from test_launch import corpus_text
 
+import harness.train
 from harness.config import load_run_config
-from harness.train import run_training
+from harness.train import build_trainer, run_training
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +136,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_corpus, sig):
             break
         time.sleep(0.05)
     first.send_signal(sig)
-    first.wait(timeout=60)
+    assert first.wait(timeout=60) == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig)
     assert not (interrupted / "summary.json").exists()
     stopped_at = max(int(r["step"]) for r in read_metrics(metrics))
     assert stopped_at < 40
@@ -145,6 +148,48 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_corpus, sig):
     assert resumed.keys() == expected.keys()
     for key, value in expected.items():
         assert resumed[key] == pytest.approx(value, abs=1e-6), key
+
+
+class SignalDuringStep(L.Callback):
+    """Sends this process `sig` while the optimizer step that ends at `step` runs."""
+
+    def __init__(self, step: int, sig: int) -> None:
+        self.step, self.sig = step, sig
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+def test_stop_at_a_checkpoint_step_that_also_evaluates_resumes_with_its_evaluation(tmp_path, tiny_corpus, monkeypatch):
+    """Step 20 writes its checkpoint before its evaluation; stopped in between, the resume evaluates it."""
+    config = load_run_config(tiny_config_file(tmp_path, tiny_corpus))
+    reference = run_training(config, tmp_path / "reference", threads=1)
+    stop = 20
+    assert stop % config.train.checkpoint_every == 0 and stop % config.train.val_every == 0
+
+    def build_stopping_trainer(*args):
+        trainer = build_trainer(*args)
+        trainer.callbacks.insert(0, SignalDuringStep(stop, signal.SIGTERM))
+        return trainer
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(harness.train, "build_trainer", build_stopping_trainer)
+        with pytest.raises(SIGTERMException):
+            run_training(config, interrupted, threads=1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handler did not outlive it
+    assert torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stop
+    assert max(int(r["step"]) for r in read_metrics(interrupted / "metrics.csv") if r["val/loss_ntp"]) < stop
+
+    resumed = run_training(config, interrupted, threads=1)
+    assert resumed["status"] == reference["status"] == "done"
+    expected = losses_by_step(read_metrics(tmp_path / "reference" / "metrics.csv"))
+    got = losses_by_step(read_metrics(interrupted / "metrics.csv"))
+    assert (stop, "val/loss_ntp") in got
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_divergence_stops_with_a_diverged_summary(tmp_path, tiny_corpus):
