@@ -15,8 +15,10 @@ def attention_and_grads(attention: Attention, x: torch.Tensor, rope, grad: torch
     return (out, *torch.autograd.grad(out, [x, attention.qkv.weight, attention.out.weight], grad))
 
 
-# heads of 8, 16 and 32 channels; T = 1 (one score), 13 (rows ending inside a vector), 128 (the models' context)
-@pytest.mark.parametrize(("d_model", "heads", "positions"), [(64, 4, 128), (64, 8, 13), (96, 3, 40), (32, 2, 1)])
+# heads of 8, 16 and 32 channels (eight- and, on AVX-512, sixteen-lane vectors); T = 1 (one score), 13 and 21
+# (rows ending inside a vector, single rows after the blocks of eight), 128 (the models' context)
+@pytest.mark.parametrize(("d_model", "heads", "positions"),
+                         [(64, 4, 128), (64, 8, 13), (64, 4, 21), (96, 3, 40), (32, 2, 1)])
 def test_fused_attention_matches_float64_torch_code_in_value_and_gradients(d_model, heads, positions):
     assert cpu_kernels.available(), "the CPU kernels did not build (see the warning)"
     torch.manual_seed(0)
