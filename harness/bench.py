@@ -13,8 +13,9 @@ For each config and virtual width (m, n) it times the training step exactly as `
                          run back to back (`time_paired`); with the ratios' quartiles
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
-                         (mm, bmm, addmm, baddbmm, oneDNN's products and the MoE's grouped ones, recorded with shapes
-                         in one step), each as fast as it runs alone with warm caches (`matmul_ms`),
+                         (mm, bmm, addmm, baddbmm, oneDNN's products, the fused weight gradients and the MoE's
+                         grouped products, recorded with shapes in one step), each as fast as it runs alone with
+                         warm caches (`matmul_ms`),
                          counting only the FLOPs those calls do (not the GHC products of the fused GHC
                          kernels): an upper bound for the matmul part of the step on this machine
     overhead_matmul_floor  (matmul_ms - matmul_ms at r = 1) / step time at r = 1: the overhead that the
@@ -300,6 +301,8 @@ MATMULS: dict[str, Matmul] = {
     "aten::baddbmm": Matmul(torch.baddbmm, 3, slice(1, 3)),
     # a · bᵀ, b (N, K): the products `gemm` puts on oneDNN (linears, experts, the fused cross-entropy's)
     "mkldnn::_linear_pointwise": Matmul(gemm.onednn_linear, 2, slice(0, 2), transposed=True),
+    # aᵀ b, a (K, M): the weight gradients of those linears and experts (`gemm.weight_grad`'s fused kernel)
+    "vwn_gemm::weight_grad": Matmul(gemm.weight_grad, 2, slice(0, 2)),
     # the MoE's grouped products (x, w or grad, group ends): the group ends are recorded by value;
     # torch's kernel in eager, the custom ops when compiled
     "aten::_grouped_mm": Matmul(torch._grouped_mm, 3, slice(0, 2)),

@@ -65,12 +65,39 @@ def test_onednn_linear_is_a_times_b_transposed_on_any_layout(layout):
     torch.testing.assert_close(gemm.onednn_linear(b, a), b @ a.T, rtol=1e-6, atol=1e-5)
 
 
+# K: no rows, one, fewer than the threads' split, several passes of 256 rows with a part; M: tiles of 8, 4 and 1
+# rows; N: one and two vectors of columns
+@pytest.mark.parametrize("rows, m, n", [(0, 5, 16), (1, 3, 16), (7, 9, 48), (600, 13, 32), (2048, 64, 64),
+                                        (1025, 4, 256)])
+def test_weight_grad_is_a_transposed_times_b_on_the_fused_kernel(rows, m, n):
+    torch.manual_seed(0)
+    a, b = torch.randn(rows, m), torch.randn(rows, n)
+    with torch.profiler.profile() as prof:
+        got = gemm.weight_grad(a, b)
+    if gemm._cpu_has_avx512():
+        assert [e.name for e in prof.events() if e.name.startswith("vwn_gemm")] == ["vwn_gemm::weight_grad"]
+    want = a.double().T @ b.double()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 * max(1.0, want.abs().max().item()))
+
+
+def test_weight_grad_takes_torchs_matmul_where_the_kernel_does_not_apply():
+    torch.manual_seed(0)
+    a, b = torch.randn(40, 8), torch.randn(40, 24)  # 24 columns: not whole vectors of 16
+    for x, y in ((a, b), (a, torch.randn(24, 40).T), (a.double(), b.double())):
+        with torch.profiler.profile() as prof:
+            got = gemm.weight_grad(x, y)
+        assert not any(e.name.startswith("vwn_gemm") for e in prof.events())
+        torch.testing.assert_close(got.double(), x.double().T @ y.double(), rtol=1e-6, atol=1e-5)
+
+
 def test_linear_and_its_gradients_equal_f_linear_on_onednn(monkeypatch):
     monkeypatch.setattr(gemm, "use_onednn", lambda: True)
     torch.manual_seed(0)
     x = torch.randn(3, 5, 24, requires_grad=True)
-    for weight in (torch.randn(16, 24), torch.randn(24, 16).T, torch.randn(16, 48)[:, 24:]):  # as nn.Linear, .T, slice
+    # as nn.Linear, .T, a slice; and 32 inputs, whose weight gradient takes the fused kernel
+    for weight in (torch.randn(16, 24), torch.randn(24, 16).T, torch.randn(16, 48)[:, 24:], torch.randn(16, 32)):
         weight.requires_grad_()
+        x = torch.randn(3, 5, weight.shape[1], requires_grad=True)
         assert gemm.takes(x, weight)
         out = gemm.linear(x, weight)
         grads = torch.autograd.grad(out, (x, weight), torch.ones_like(out) * torch.arange(16.0))

@@ -6,7 +6,9 @@
 - `csrc/gated_silu.cpp`: the SwiGLU gate silu(gate) ∘ up, forward and backward (`vwn_ffn::*`, used by `moe`);
 - `csrc/moe_routing.cpp`: the MoE's routing, dispatch and combine (`vwn_moe::*`, used by `routing`);
 - `csrc/attention.cpp`: rotary + causal attention from the qkv projection, forward and backward (`vwn_attn::*`,
-  used by `transformer.Attention`).
+  used by `transformer.Attention`);
+- `csrc/weight_grad.cpp`: aᵀ b over token rows, the linears' and experts' weight gradients (`vwn_gemm::*`, used
+  by `gemm.weight_grad`).
 
 The extension is compiled with `-march=native` once per CPU type, compile flags and source version (all hashed
 into its name, so a shared cache on a cluster of mixed nodes keeps one build per type, and an edited source or

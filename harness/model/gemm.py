@@ -10,12 +10,14 @@ MKL on Intel was measured well by this project before (238-314 GFLOP/s at 4096²
     auto: oneDNN on x86-64 CPUs with AVX-512 that are not Intel's, where torch has it; MKL everywhere else
 
 On oneDNN go the cross-entropy's products (inside its C++ op), every `Linear` / `linear`, forward and input
-gradient, and each MoE expert's SwiGLU products with a token row (`moe._OneDNNExperts`); the linears' and the
-experts' weight gradients stay on torch's matmuls (MKL), where oneDNN was no faster (T = 2048: (64, 64) = gᵀ x in
-115-169 µs against 96-104). In the training step: the cross-entropy 23.8 → 11.6 ms at the tiny config; the rest,
-the same model's step alternated with and without it in one process, tiny × 0.93 (r = 1, (2,3), (2,8)), small
-× 0.74-0.77. The choice is made once per process (a resumed run on the same machine makes the same one); the
-libraries sum in other orders, so results differ in the last bits.
+gradient, and each MoE expert's SwiGLU products with a token row (`moe._OneDNNExperts`). In the training step:
+the cross-entropy 23.8 → 11.6 ms at the tiny config; the rest, the same model's step alternated with and without
+it in one process, tiny × 0.93 (r = 1, (2,3), (2,8)), small × 0.74-0.77. The choice is made once per process (a
+resumed run on the same machine makes the same one); the libraries sum in other orders, so results differ in the
+last bits.
+
+Their weight gradients, aᵀ b over the token rows with a small result, run at 140-250 GFLOP/s on either library
+here; `weight_grad` takes them to the fused kernel `csrc/weight_grad.cpp` (410-430) on CPUs with AVX-512.
 """
 
 from __future__ import annotations
@@ -27,17 +29,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.model import cpu_kernels
+
 BACKENDS = ("auto", "mkl", "onednn")
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def _cpu_is_non_intel_with_avx512() -> bool:
-    if not CPUINFO.exists():  # not Linux: MKL
-        return False
+def _cpu() -> tuple[str, list[str]]:
+    """The CPU's vendor id and instruction-set flags from /proc/cpuinfo (empty where there is none: not Linux)."""
+    if not CPUINFO.exists():
+        return "", []
     lines = CPUINFO.read_text().splitlines()
     vendor = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return vendor != "GenuineIntel" and "avx512f" in flags
+    return vendor, flags
+
+
+def _cpu_is_non_intel_with_avx512() -> bool:
+    vendor, flags = _cpu()
+    return vendor not in ("", "GenuineIntel") and "avx512f" in flags
+
+
+@functools.cache
+def _cpu_has_avx512() -> bool:
+    return "avx512f" in _cpu()[1]
 
 
 @functools.cache
@@ -71,6 +86,16 @@ def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     return torch.ops.mkldnn._linear_pointwise(_plain(a), _plain(b), bias, "none", [], "")
 
 
+def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """aᵀ b, a (K, M), b (K, N) -> (M, N): a weight's gradient from its layer's input and output gradient rows; on
+    the fused kernel (AVX-512, fp32, contiguous, N a multiple of 16; its sixteen-lane tiles spill on AVX2), else
+    torch's matmul."""
+    if (b.shape[1] % 16 == 0 and a.is_contiguous() and b.is_contiguous() and _cpu_has_avx512()
+            and cpu_kernels.applies(a, b) and not torch.compiler.is_compiling()):
+        return torch.ops.vwn_gemm.weight_grad(a, b)
+    return a.T @ b
+
+
 def takes(*tensors: torch.Tensor) -> bool:
     """Whether these operands' product goes through oneDNN: `use_onednn`, and fp32 CPU tensors outside autocast and
     torch.compile (which picks its own kernels)."""
@@ -88,7 +113,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad_x = onednn_linear(grad, weight.T) if ctx.needs_input_grad[0] else None
-        grad_weight = grad.T @ x if ctx.needs_input_grad[1] else None
+        grad_weight = weight_grad(grad, x) if ctx.needs_input_grad[1] else None
         grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 

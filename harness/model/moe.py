@@ -146,7 +146,7 @@ def expert_windows(ends: list[int], total: int) -> list[tuple[int, int, int, int
 
 class _OneDNNExperts(torch.autograd.Function):
     """Each expert's SwiGLU on its rows, silu(x W_in_gate) ∘ (x W_in_up) W_out, the products that have a token row on
-    oneDNN, a window of rows per expert (`expert_windows`), the weight gradients on torch's matmuls.
+    oneDNN, a window of rows per expert (`expert_windows`), the weight gradients by `gemm.weight_grad`.
 
     NOTE: one function for both products and the gate, so that an expert's window runs through all three (the rows
     past its group, dropped at the end, cost at most 12.5 % more): two grouped products, each a cat of its experts'
@@ -171,7 +171,7 @@ class _OneDNNExperts(torch.autograd.Function):
         experts = len(ctx.windows)
         pre, hidden = saved[:experts], saved[experts:]
         grad = grad.contiguous()
-        grad_x, grad_w_in, grad_w_out = [], torch.empty_like(w_in), torch.empty_like(w_out)
+        grad_x, grad_w_in, grad_w_out = [], [], []
         start = 0
         for e, (first, rows, offset, size) in enumerate(ctx.windows):
             grad_e = grad[start:start + size]  # (size, D)
@@ -179,11 +179,11 @@ class _OneDNNExperts(torch.autograd.Function):
             grad_hidden = gemm.onednn_linear(grad[first:first + rows], w_out[e])  # (rows, F)
             grad_pre = torch.ops.vwn_ffn.gated_silu_backward(grad_hidden, pre[e])  # (rows, 2F)
             group = slice(offset, offset + size)
-            torch.mm(hidden[e][group].T, grad_e, out=grad_w_out[e])
-            torch.mm(x[start:start + size].T, grad_pre[group], out=grad_w_in[e])
+            grad_w_out.append(gemm.weight_grad(hidden[e][group], grad_e))
+            grad_w_in.append(gemm.weight_grad(x[start:start + size], grad_pre[group]))
             grad_x.append(gemm.onednn_linear(grad_pre, w_in[e])[group])
             start += size
-        return torch.cat(grad_x), grad_w_in, grad_w_out, None
+        return torch.cat(grad_x), torch.stack(grad_w_in), torch.stack(grad_w_out), None
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
