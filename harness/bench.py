@@ -14,8 +14,9 @@ For each config and virtual width (m, n) it times the training step exactly as `
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
                          (mm, bmm, addmm, baddbmm, oneDNN's products, the fused weight gradients and the MoE's
-                         grouped products, recorded with shapes in one step), each as fast as it runs alone with
-                         warm caches (`matmul_ms`),
+                         grouped products, recorded with shapes in one step; the products inside the fused
+                         cross-entropy and SwiGLU ops as the library calls they replace), each as fast as it runs
+                         alone with warm caches (`matmul_ms`),
                          counting only the FLOPs those calls do (not the GHC products of the fused GHC
                          kernels): an upper bound for the matmul part of the step on this machine
     overhead_matmul_floor  (matmul_ms - matmul_ms at r = 1) / step time at r = 1: the overhead that the
@@ -358,6 +359,8 @@ class MatmulRecorder(TorchDispatchMode):
             self.calls[name, tuple(recorded(a) for a in args[: MATMULS[name].arguments])] += 1
         elif name == "vwn_ce::linear_cross_entropy":  # its GEMMs run inside the C++ op, unseen by dispatch
             self.calls.update(cross_entropy_matmuls(*args))
+        elif name in ("vwn_swiglu::swiglu_forward", "vwn_swiglu::swiglu_backward"):  # so do these
+            self.calls.update(swiglu_matmuls(*args[-3:], backward=name.endswith("backward")))
         return func(*args, **(kwargs or {}))
 
 
@@ -381,6 +384,32 @@ def cross_entropy_matmuls(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         if with_grads:
             calls.append(("aten::mm", ((rows, vocab), (vocab, width))))
             calls.append(("aten::addmm_", ((width, vocab), Layout((width, rows), (1, width)), (rows, vocab))))
+    return calls
+
+
+def swiglu_matmuls(w_in: torch.Tensor, w_out: torch.Tensor, ends: list[int], backward: bool) -> list[MatmulCall]:
+    """The products of the fused SwiGLU experts op (csrc/swiglu.cpp), as the library products and weight gradients
+    the unfused experts would call: per expert of r rows, forward x W_in and h W_out; backward dy W_outᵀ, d pre
+    W_inᵀ, and the weight gradients hᵀ dy and xᵀ d pre."""
+    _, width, double_hidden = w_in.shape
+    hidden = double_hidden // 2
+    onednn = gemm.use_onednn()
+
+    def product(rows: int, depth: int, columns: int) -> MatmulCall:
+        if onednn:
+            return "mkldnn::_linear_pointwise", ((rows, depth), (columns, depth))
+        return "aten::mm", ((rows, depth), (depth, columns))
+
+    calls = []
+    for rows in (end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)):
+        if rows == 0:
+            continue
+        if not backward:
+            calls += [product(rows, width, double_hidden), product(rows, hidden, width)]
+            continue
+        calls += [product(rows, width, hidden), product(rows, double_hidden, width),
+                  ("vwn_gemm::weight_grad", ((rows, hidden), (rows, width))),
+                  ("vwn_gemm::weight_grad", ((rows, width), (rows, double_hidden)))]
     return calls
 
 

@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from harness.model import LanguageModel, ModelConfig, cpu_kernels, gemm
+from harness.model import moe as moe_module
 from harness.model.ghc import GeneralizedHyperConnection
 from harness.model.moe import (
     MixtureOfExperts,
+    SwiGLU,
+    _FusedSwiGLU,
     _OneDNNExperts,
     bucketed,
     expert_matmul,
@@ -236,6 +239,51 @@ def test_factorized_embedding_and_tied_head_share_one_table():
     assert model.lm_head.weight is model.embed.table.weight
     assert model.embed.table.weight.shape == (TINY.vocab_size, TINY.d_model)
     assert model.embed.expand.weight.shape == (8 * 16, TINY.d_model)
+
+
+# 150 rows: experts of a block of 64 rows and one more row, of several blocks and a part of one; an expert with
+# no rows
+FUSED_ENDS = {"ragged": [17, 82, 82, 150], "empty first": [0, 61, 130, 150], "one expert": [150]}
+
+
+@pytest.mark.parametrize("hidden", [16, 48])  # one and three vectors of 16; 2F: one tile of 32, a tile and a half
+@pytest.mark.parametrize("ends", FUSED_ENDS.values(), ids=FUSED_ENDS.keys())
+def test_fused_swiglu_experts_equal_each_experts_swiglu(ends, hidden):
+    """csrc/swiglu.cpp against each expert's SwiGLU on its own rows in float64: output and the gradients of the
+    rows, W_in and W_out."""
+    assert cpu_kernels.available()
+    torch.manual_seed(0)
+    experts = len(ends)
+    x = torch.randn(150, 32, requires_grad=True)
+    w_in = (torch.randn(experts, 32, 2 * hidden) / 4).requires_grad_()
+    w_out = (torch.randn(experts, hidden, 32) / 4).requires_grad_()
+    out = _FusedSwiGLU.apply(x, w_in, w_out, ends)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w_in, w_out), grad_out)
+    bounds = [0, *ends]
+    groups = enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    want = torch.cat([gated_silu(x[a:b].double() @ w_in[e].double()) @ w_out[e].double() for e, (a, b) in groups])
+    want_grads = torch.autograd.grad(want, (x, w_in, w_out), grad_out.double())
+    for got, expected in zip((out, *grads), (want, *want_grads), strict=True):
+        torch.testing.assert_close(got.double(), expected.double(), rtol=0, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not gemm.has_avx512(), reason="the fused SwiGLU kernel runs on AVX-512 CPUs only")
+def test_the_moe_layer_and_the_dense_swiglu_take_the_fused_kernel(monkeypatch):
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(32, 16, 4, 2, 0, False, 0.0)
+    dense = SwiGLU(32, 16)
+    for p in [*moe.parameters(), *dense.parameters()]:
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 40, 32)
+    for layer in (moe, dense):
+        fused, _ = layer(x)
+        assert "_FusedSwiGLUBackward" in autograd_nodes(fused)
+        with monkeypatch.context() as patch:
+            patch.setattr(moe_module, "_fused_swiglu_takes", lambda *operands: False)
+            unfused, _ = layer(x)
+        assert "_FusedSwiGLUBackward" not in autograd_nodes(unfused)
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
 
 
 def test_no_decay_covers_norms_tables_and_static_mixing_only():

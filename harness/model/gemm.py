@@ -51,7 +51,8 @@ def _cpu_is_non_intel_with_avx512() -> bool:
 
 
 @functools.cache
-def _cpu_has_avx512() -> bool:
+def has_avx512() -> bool:
+    """Whether the CPU has AVX-512, for which the sixteen-lane register tiles of the fused GEMM kernels are sized."""
     return "avx512f" in _cpu()[1]
 
 
@@ -90,8 +91,8 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """aᵀ b, a (K, M), b (K, N) -> (M, N): a weight's gradient from its layer's input and output gradient rows; on
     the fused kernel (AVX-512, fp32, contiguous, N a multiple of 16; its sixteen-lane tiles spill on AVX2), else
     torch's matmul."""
-    if (b.shape[1] % 16 == 0 and a.is_contiguous() and b.is_contiguous() and _cpu_has_avx512()
-            and cpu_kernels.applies(a, b) and not torch.compiler.is_compiling()):
+    if (not torch.compiler.is_compiling() and b.shape[1] % 16 == 0 and a.is_contiguous() and b.is_contiguous()
+            and has_avx512() and cpu_kernels.applies(a, b)):
         return torch.ops.vwn_gemm.weight_grad(a, b)
     return a.T @ b
 

@@ -58,8 +58,35 @@ def gated_silu(hidden: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _FusedSwiGLU(torch.autograd.Function):
+    """SwiGLU experts as one fused CPU op each way (csrc/swiglu.cpp): both products and the gate per block of rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """x (N, D) grouped by expert, w_in (E, D, 2F), w_out (E, F, D), each expert's end row -> (N, D)."""
+        y, pre = torch.ops.vwn_swiglu.swiglu_forward(x, w_in, w_out, ends)
+        ctx.ends = ends
+        ctx.save_for_backward(x, pre, w_in, w_out)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        x, pre, w_in, w_out = ctx.saved_tensors
+        return *torch.ops.vwn_swiglu.swiglu_backward(grad.contiguous(), x, pre, w_in, w_out, ctx.ends), None
+
+
+def _fused_swiglu_takes(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
+    """Whether `_FusedSwiGLU` takes these operands: fp32 CPU in eager outside autocast, D and F multiples of 16,
+    a CPU with AVX-512 (its register tiles' size)."""
+    return (not torch.compiler.is_compiling() and x.shape[-1] % 16 == 0 and w_out.shape[-2] % 16 == 0
+            and gemm.has_avx512() and cpu_kernels.applies(x, w_in, w_out) and not torch.is_autocast_enabled("cpu"))
+
+
 def swiglu(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     """x (..., D), w_in (D, 2F) holding [gate | up], w_out (F, D) -> (..., D)."""
+    if _fused_swiglu_takes(x, w_in, w_out):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        return _FusedSwiGLU.apply(rows, w_in.unsqueeze(0), w_out.unsqueeze(0), [rows.shape[0]]).view(x.shape)
     return linear(gated_silu(linear(x, w_in.T)), w_out.T)
 
 
@@ -239,14 +266,16 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         """x (batch, seq, D) -> (batch, seq, D). Assignments are grouped per expert (`routing`), so each
-        expert runs only on the tokens routed to it (on oneDNN, in a window of up to 12.5 % more rows, whose outputs
-        are dropped: `expert_windows`)."""
+        expert runs only on the tokens routed to it (by the fused SwiGLU kernel where it applies; else on oneDNN,
+        in a window of up to 12.5 % more rows, whose outputs are dropped: `expert_windows`)."""
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
         fused = cpu_kernels.applies(flat)
         logits = self.router(flat).float()  # (N, E)
         routing = route(logits, self.selection_bias if self.aux_free_balancing else None, self.top_k, fused)
         routed = dispatch(flat, routing, fused)
-        if fused and gemm.takes(routed, self.w_in, self.w_out):
+        if fused and _fused_swiglu_takes(routed, self.w_in, self.w_out):
+            y = _FusedSwiGLU.apply(routed, self.w_in, self.w_out, routing.ends.tolist())
+        elif fused and gemm.takes(routed, self.w_in, self.w_out):
             y = _OneDNNExperts.apply(routed, self.w_in, self.w_out, routing.ends)
         else:
             y = grouped_matmul(gated_silu(grouped_matmul(routed, self.w_in, routing.ends)), self.w_out, routing.ends)

@@ -21,6 +21,8 @@ namespace {
 using at::Tensor;
 using vwn::load;
 using vwn::store;
+using vwn::gated;
+using vwn::gated_gradient;
 using vwn::v8;
 
 constexpr int64_t kGrainRows = 64;
@@ -29,18 +31,6 @@ void check_operand(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2,
               "vwn_ffn: ", name, " must be a contiguous 2-D float32 CPU tensor, got ", t.sizes(), " ",
               t.scalar_type());
-}
-
-// silu(g) ∘ u, of floats or of eight lanes
-template <typename F>
-inline F gated(F g, F u) { return g * vwn::sigmoid(g) * u; }
-
-// (d gate, d up) from the gradient r of silu(g) ∘ u
-template <typename F>
-inline void gated_gradient(F g, F u, F r, F& d_gate, F& d_up) {
-  const F s = vwn::sigmoid(g);
-  d_gate = r * u * s * (1.0f + g * (1.0f - s));
-  d_up = r * g * s;
 }
 
 // hidden (R, 2F) -> (R, F)

@@ -1,4 +1,4 @@
-// Vector helpers of the fused CPU kernels (GHC and cross-entropy): eight-lane blocks, and exp and tanh in
+// Vector helpers of the fused CPU kernels: eight- and sixteen-lane blocks, and exp, tanh and the SwiGLU gate in
 // single precision written so the compiler vectorises loops that call them (std::exp and std::tanh stop it).
 #pragma once
 
@@ -67,6 +67,20 @@ __attribute__((always_inline)) inline F sigmoid(F x) {
   const F e = exp_nonpositive(x < zero ? x : -x);
   const F s = 1.0f / (1.0f + e);
   return x < zero ? e * s : s;
+}
+
+// The SwiGLU gate silu(g) ∘ u, of a float or of lanes
+template <typename F>
+__attribute__((always_inline)) inline F gated(F g, F u) {
+  return g * sigmoid(g) * u;
+}
+
+// (d gate, d up) from the gradient r of silu(g) ∘ u
+template <typename F>
+__attribute__((always_inline)) inline void gated_gradient(F g, F u, F r, F& d_gate, F& d_up) {
+  const F s = sigmoid(g);
+  d_gate = r * u * s * (1.0f + g * (1.0f - s));
+  d_up = r * g * s;
 }
 
 // |error| < 2e-7 against torch.tanh (tested), of a float or of lanes: tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|);
