@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.model.norm import RMSNorm, rms_norm
+from harness.model.norm import RMSNorm, layer_norm, rms_norm
 
 
 @pytest.mark.parametrize("width", [8, 13, 64, 512])  # 13: the kernel's loops beyond whole vectors
@@ -26,6 +26,26 @@ def test_matches_torch_rmsnorm_in_value_and_gradients(width, path):
     torch.testing.assert_close(got_x, expected_x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_w, expected_w, rtol=1e-5, atol=1e-5)
     assert ours.state_dict().keys() == reference.state_dict().keys()
+
+
+@pytest.mark.parametrize("width", [13, 64])  # 13: the kernel's loops beyond whole vectors
+def test_layer_norm_matches_float64_layer_norm_in_value_and_gradient(width, path):
+    """The reduce head's group layer norm (no affine) on the fused kernel and on torch's, against float64 on rows
+    of several scales and offsets, in the head's (tokens, groups, G) shape."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 3, width) * torch.tensor([0.1, 1.0, 30.0]).view(3, 1) + 2.0).requires_grad_()
+    grad = torch.randn(6, 3, width)
+    with torch.profiler.profile() as prof:
+        got = layer_norm(x, 1e-6)
+        (got_x,) = torch.autograd.grad(got, x, grad)
+    fused = {e.name for e in prof.events() if e.name.startswith("vwn_layer_norm")}
+    assert fused == ({"vwn_layer_norm::layer_norm_forward", "vwn_layer_norm::layer_norm_backward"}
+                     if path == "kernel" else set())
+    reference = x.detach().double().requires_grad_()
+    expected = nn.functional.layer_norm(reference, (width,), eps=1e-6)
+    (expected_x,) = torch.autograd.grad(expected, reference, grad.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_x.double(), expected_x, rtol=1e-4, atol=1e-4 * expected_x.abs().max().item())
 
 
 def test_gradients_pass_gradcheck_in_float64():

@@ -63,6 +63,20 @@ class _FusedRMSNorm(torch.autograd.Function):
         return grad_x.view(grad.shape), grad_weight, None
 
 
+class _FusedLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        out, rstd = torch.ops.vwn_layer_norm.layer_norm_forward(x.reshape(-1, x.shape[-1]).contiguous(), eps)
+        ctx.save_for_backward(out, rstd)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out, rstd = ctx.saved_tensors
+        grad_x = torch.ops.vwn_layer_norm.layer_norm_backward(grad.reshape(out.shape).contiguous(), out, rstd)
+        return grad_x.view(grad.shape), None
+
+
 def _register_fake_kernels() -> None:
     @torch.library.register_fake("vwn_norm::rms_norm_forward")
     def _(x, weight, eps):
@@ -71,6 +85,14 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("vwn_norm::rms_norm_backward")
     def _(grad, x, weight, rstd):
         return torch.empty_like(x), torch.empty_like(weight)
+
+    @torch.library.register_fake("vwn_layer_norm::layer_norm_forward")
+    def _(x, eps):
+        return torch.empty_like(x), x.new_empty(x.shape[0])
+
+    @torch.library.register_fake("vwn_layer_norm::layer_norm_backward")
+    def _(grad, out, rstd):
+        return torch.empty_like(out)
 
 
 cpu_kernels.on_build(_register_fake_kernels)
@@ -90,3 +112,12 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., G) normalised over its last dimension, without affine: F.layer_norm(x, (G,), eps=eps); in fp32 on
+    CPU the fused ops of `csrc/layer_norm.cpp` (the reduce head's GroupNorm, groups of 64 channels at the tiny
+    config, forward + backward: see the kernel's header)."""
+    if cpu_kernels.applies(x):
+        return _FusedLayerNorm.apply(x, eps)
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)

@@ -36,7 +36,7 @@ from harness.model.ghc import (
 )
 from harness.model.loss import linear_cross_entropy
 from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
-from harness.model.norm import RMSNorm
+from harness.model.norm import RMSNorm, layer_norm
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +184,7 @@ class ReduceHead(nn.Module):
             # folded into the reduce, W (x̂ ∘ γ + β) = (W diag γ) x̂ + W β: a (D, D') product instead of
             # passes over (tokens, D') (head forward + backward at (2, 16): 4.4 -> 3.4 ms).
             norm = self.group_norm
-            x = F.layer_norm(x.unflatten(-1, (norm.num_groups, -1)), (x.shape[-1] // norm.num_groups,), eps=norm.eps)
+            x = layer_norm(x.unflatten(-1, (norm.num_groups, -1)), norm.eps)
             x = linear(x.flatten(-2), self.reduce.weight * norm.weight, self.reduce.weight @ norm.bias)
         elif self.reduce is not None:
             x = self.reduce(x)
