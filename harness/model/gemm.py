@@ -10,7 +10,8 @@ MKL on Intel was measured well by this project before (238-314 GFLOP/s at 4096²
     auto: oneDNN on x86-64 CPUs with AVX-512 that are not Intel's, where torch has it; MKL everywhere else
 
 On oneDNN go the cross-entropy's products (inside its C++ op), every `Linear` / `linear`, forward and input
-gradient, and each MoE expert's SwiGLU products with a token row (`moe._OneDNNExperts`). In the training step:
+gradient, and each MoE expert's SwiGLU products with a token row (`moe._OneDNNExperts`, where the fused SwiGLU
+op, `moe._FusedSwiGLU` on AVX-512, does not take them). In the training step:
 the cross-entropy 23.8 → 11.6 ms at the tiny config; the rest, the same model's step alternated with and without
 it in one process, tiny × 0.93 (r = 1, (2,3), (2,8)), small × 0.74-0.77. The choice is made once per process (a
 resumed run on the same machine makes the same one); the libraries sum in other orders, so results differ in the
