@@ -88,12 +88,17 @@ def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
     return torch.ops.mkldnn._linear_pointwise(_plain(a), _plain(b), bias, "none", [], "")
 
 
+def tiles_take(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels built on `csrc/gemm_tiles.h` (`weight_grad`, the MoE's SwiGLU op) can take these
+    operands: in eager, on a CPU with AVX-512 (the tiles' size; they spill on AVX2), fp32 CPU tensors, the extension
+    built. NOTE: `is_compiling` first: under torch.compile reading /proc/cpuinfo would break the graph."""
+    return not torch.compiler.is_compiling() and has_avx512() and cpu_kernels.applies(*tensors)
+
+
 def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """aᵀ b, a (K, M), b (K, N) -> (M, N): a weight's gradient from its layer's input and output gradient rows; on
-    the fused kernel (AVX-512, fp32, contiguous, N a multiple of 16; its sixteen-lane tiles spill on AVX2), else
-    torch's matmul."""
-    if (not torch.compiler.is_compiling() and b.shape[1] % 16 == 0 and a.is_contiguous() and b.is_contiguous()
-            and has_avx512() and cpu_kernels.applies(a, b)):
+    the fused kernel where it `tiles_take`s them (contiguous, N a multiple of 16), else torch's matmul."""
+    if b.shape[1] % 16 == 0 and a.is_contiguous() and b.is_contiguous() and tiles_take(a, b):
         return torch.ops.vwn_gemm.weight_grad(a, b)
     return a.T @ b
 

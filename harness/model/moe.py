@@ -76,10 +76,10 @@ class _FusedSwiGLU(torch.autograd.Function):
 
 
 def _fused_swiglu_takes(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
-    """Whether `_FusedSwiGLU` takes these operands: fp32 CPU in eager outside autocast, D and F multiples of 16,
-    a CPU with AVX-512 (its register tiles' size)."""
-    return (not torch.compiler.is_compiling() and x.shape[-1] % 16 == 0 and w_out.shape[-2] % 16 == 0
-            and gemm.has_avx512() and cpu_kernels.applies(x, w_in, w_out) and not torch.is_autocast_enabled("cpu"))
+    """Whether `_FusedSwiGLU` takes these operands: D and F multiples of 16, outside autocast, where the tile
+    kernels take them (`gemm.tiles_take`)."""
+    return (x.shape[-1] % 16 == 0 and w_out.shape[-2] % 16 == 0 and not torch.is_autocast_enabled("cpu")
+            and gemm.tiles_take(x, w_in, w_out))
 
 
 def swiglu(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
