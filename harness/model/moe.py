@@ -254,7 +254,7 @@ class MixtureOfExperts(nn.Module):
                  aux_free_balancing: bool, bias_update_rate: float) -> None:
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
-        self.router = Linear(d_model, n_experts)
+        self.router = Linear(d_model, n_experts)  # its weight (E, D): `route` makes the product
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_ff))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.shared = SwiGLU(d_model, d_ff * n_shared) if n_shared > 0 else None
@@ -270,8 +270,8 @@ class MixtureOfExperts(nn.Module):
         in a window of up to 12.5 % more rows, whose outputs are dropped: `expert_windows`)."""
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
         fused = cpu_kernels.applies(flat)
-        logits = self.router(flat).float()  # (N, E)
-        routing = route(logits, self.selection_bias if self.aux_free_balancing else None, self.top_k, fused)
+        routing = route(flat, self.router.weight, self.selection_bias if self.aux_free_balancing else None,
+                        self.top_k, fused)
         routed = dispatch(flat, routing, fused)
         if fused and _fused_swiglu_takes(routed, self.w_in, self.w_out):
             y = _FusedSwiGLU.apply(routed, self.w_in, self.w_out, routing.ends.tolist())
@@ -283,14 +283,10 @@ class MixtureOfExperts(nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)[0]
 
-        load = routing.counts.float() / routing.token_of.numel()  # f_e
         if self.aux_free_balancing and self.training:
-            self.pending_load += routing.counts.float()
-        stats = RouterStats(
-            balance_loss=self.n_experts * (load * routing.mean_probs).sum(),
-            z_loss=routing.z_loss,
-            max_load=load.max().detach() * self.n_experts,
-        )
+            self.pending_load += routing.counts
+        max_load = routing.counts.max() * (self.n_experts / routing.token_of.numel())  # max_e f_e · E
+        stats = RouterStats(balance_loss=routing.balance_loss, z_loss=routing.z_loss, max_load=max_load)
         return out.view_as(x), stats
 
     @torch.no_grad()

@@ -2,15 +2,17 @@
 
 N tokens, E experts, k choices per token, M = N·k assignments, D the model width.
 
+    logits = x Wᵀ                              (N, E), of the router input x (N, D) and weight W (E, D)
     probs = softmax(logits)                    (N, E); the choice ranks probs + bias (aux-loss-free balancing)
     gates = probs of the k chosen, renormalised (N, k)
     assignments sorted by expert, stably       token_of (M,): each one's token; position (N, k): where each
                                                (token, choice) landed; ends (E,): where each expert's rows end
     dispatch:  routed = x[token_of]            (M, D), the experts' input rows, grouped
     combine:   out[t] = Σ_j gates[t, j] · y[position[t, j]]    (N, D)
+    balance = E · Σ_e f_e · P_e                Switch's load-balancing loss: f_e = counts_e / M, P_e = mean_t probs_e
 
-In fp32 on CPU, routing, dispatch and combine are fused C++ ops (`csrc/moe_routing.cpp`); the torch code serves
-other dtypes and devices and is the tests' reference.
+In fp32 on CPU, routing (the router's product included, in fp32 even under autocast), dispatch and combine are
+fused C++ ops (`csrc/moe_routing.cpp`); the torch code serves other dtypes and devices and is the tests' reference.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from harness.model import cpu_kernels
+from harness.model.gemm import linear
 
 
 class Routing(NamedTuple):
@@ -28,14 +31,15 @@ class Routing(NamedTuple):
     position: torch.Tensor  # (N, k) int64
     counts: torch.Tensor  # (E,) int64 assignments per expert
     ends: torch.Tensor  # (E,) int32 cumulative counts
-    mean_probs: torch.Tensor  # (E,) mean router probability P_e (differentiable)
+    balance_loss: torch.Tensor  # scalar E · Σ f_e · P_e, 1.0 when perfectly balanced (differentiable)
     z_loss: torch.Tensor  # scalar mean logsumexp(logits)² (differentiable)
 
 
-def route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, fused: bool) -> Routing:
-    """Router logits (N, E) fp32, the selection bias (E,) or None -> Routing."""
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, fused: bool) -> Routing:
+    """Router input x (N, D), router weight (E, D), the selection bias (E,) or None -> Routing."""
     if fused:
-        return Routing(*_FusedRouting.apply(logits, bias, k))
+        return Routing(*_FusedRouting.apply(x, weight, bias, k))
+    logits = linear(x, weight).float()
     probs = logits.softmax(dim=-1)
     chosen = (probs if bias is None else probs + bias).topk(k, dim=-1).indices  # (N, k)
     gates = probs.gather(1, chosen)
@@ -44,8 +48,9 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, fused: bool) 
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     # assignments per expert, (E,): a static shape, where bincount's depends on the data (torch.compile)
     counts = torch.zeros_like(probs[0], dtype=torch.long).index_add_(0, expert_of, torch.ones_like(expert_of))
+    balance = probs.shape[1] * (counts / order.numel() * probs.mean(dim=0)).sum()
     return Routing(gates / gates.sum(dim=-1, keepdim=True), order // k, position.view_as(chosen), counts,
-                   counts.cumsum(0).to(torch.int32), probs.mean(dim=0), torch.logsumexp(logits, dim=-1).square().mean())
+                   counts.cumsum(0).to(torch.int32), balance, torch.logsumexp(logits, dim=-1).square().mean())
 
 
 def dispatch(x: torch.Tensor, routing: Routing, fused: bool) -> torch.Tensor:
@@ -68,19 +73,19 @@ def combine(y: torch.Tensor, routing: Routing, fused: bool) -> torch.Tensor:
 
 class _FusedRouting(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, bias: torch.Tensor | None, k: int) -> tuple[torch.Tensor, ...]:
-        gates, chosen, token_of, position, counts, ends, probs, lse, mean_probs, z_loss = torch.ops.vwn_moe.route(
-            logits.contiguous(), bias, k)
-        ctx.save_for_backward(gates, chosen, probs, lse)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int
+                ) -> tuple[torch.Tensor, ...]:
+        x, weight = x.contiguous(), weight.contiguous()
+        gates, chosen, token_of, position, counts, ends, probs, lse, balance, z_loss = torch.ops.vwn_moe.route(
+            x, weight, bias, k)
+        ctx.save_for_backward(gates, chosen, probs, lse, counts, x, weight)
         ctx.mark_non_differentiable(token_of, position, counts, ends)
-        return gates, token_of, position, counts, ends, mean_probs, z_loss
+        return gates, token_of, position, counts, ends, balance, z_loss
 
     @staticmethod
-    def backward(ctx, grad_gates, _token_of, _position, _counts, _ends, grad_mean_probs, grad_z):
-        gates, chosen, probs, lse = ctx.saved_tensors
-        grad_logits = torch.ops.vwn_moe.route_backward(grad_gates.contiguous(), grad_mean_probs.contiguous(),
-                                                       grad_z, gates, chosen, probs, lse)
-        return grad_logits, None, None
+    def backward(ctx, grad_gates, _token_of, _position, _counts, _ends, grad_balance, grad_z):
+        return *torch.ops.vwn_moe.route_backward(grad_gates.contiguous(), grad_balance, grad_z,
+                                                 *ctx.saved_tensors), None, None
 
 
 class _Dispatch(torch.autograd.Function):
@@ -111,17 +116,16 @@ class _Combine(torch.autograd.Function):
 
 def _register_fake_kernels() -> None:
     @torch.library.register_fake("vwn_moe::route")
-    def _(logits, bias, k):
-        tokens, experts = logits.shape
-        index = logits.new_empty(tokens, k, dtype=torch.long)
-        return (logits.new_empty(tokens, k), index, logits.new_empty(tokens * k, dtype=torch.long),
-                torch.empty_like(index), logits.new_empty(experts, dtype=torch.long),
-                logits.new_empty(experts, dtype=torch.int32), torch.empty_like(logits), logits.new_empty(tokens),
-                logits.new_empty(experts), logits.new_empty(()))
+    def _(x, weight, bias, k):
+        tokens, experts = x.shape[0], weight.shape[0]
+        index = x.new_empty(tokens, k, dtype=torch.long)
+        return (x.new_empty(tokens, k), index, x.new_empty(tokens * k, dtype=torch.long), torch.empty_like(index),
+                x.new_empty(experts, dtype=torch.long), x.new_empty(experts, dtype=torch.int32),
+                x.new_empty(tokens, experts), x.new_empty(tokens), x.new_empty(()), x.new_empty(()))
 
     @torch.library.register_fake("vwn_moe::route_backward")
-    def _(grad_gates, grad_mean_probs, grad_z, gates, chosen, probs, lse):
-        return torch.empty_like(probs)
+    def _(grad_gates, grad_balance, grad_z, gates, chosen, probs, lse, counts, x, weight):
+        return torch.empty_like(x), torch.empty_like(weight)
 
     @torch.library.register_fake("vwn_moe::gather_rows")
     def _(rows, index):
