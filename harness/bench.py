@@ -387,7 +387,7 @@ def cross_entropy_matmuls(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return calls
 
 
-def swiglu_matmuls(w_in: torch.Tensor, w_out: torch.Tensor, ends: list[int], backward: bool) -> list[MatmulCall]:
+def swiglu_matmuls(w_in: torch.Tensor, w_out: torch.Tensor, ends: torch.Tensor, backward: bool) -> list[MatmulCall]:
     """The products of the fused SwiGLU experts op (csrc/swiglu.cpp), as the library products and weight gradients
     the unfused experts would call: per expert of r rows, forward x W_in and h W_out; backward dy W_outᵀ, d pre
     W_inᵀ, and the weight gradients hᵀ dy and xᵀ d pre."""
@@ -401,6 +401,7 @@ def swiglu_matmuls(w_in: torch.Tensor, w_out: torch.Tensor, ends: list[int], bac
         return "aten::mm", ((rows, depth), (depth, columns))
 
     calls = []
+    ends = ends.tolist()
     for rows in (end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)):
         if rows == 0:
             continue

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
+from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 from harness import bench
@@ -213,6 +214,28 @@ def test_compiled_step_matches_eager():
     eager(), compiled()
     for (name, a), b in zip(eager.module.named_parameters(), compiled.module.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_compiled_model_breaks_only_at_its_losses_and_runs_the_fused_kernels():
+    """torch.compile holds the fused CPU kernels as opaque ops: the graph breaks only where the chunked losses run
+    eager (`linear_cross_entropy` is compiler-disabled), and the compiled step calls the kernels eager calls."""
+    config = load_run_config(None, [
+        "model.vocab_size=64", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.seq_len=16",
+        "model.d_ff=32", "model.virtual_width=[2,4]", "model.mtp=true", "train.batch_size=2"])
+    torch._dynamo.reset()
+    counters.clear()
+    step = bench.TrainingStep(config, compile=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    breaks = list(counters["graph_break"])
+    assert breaks and all("linear_cross_entropy" in reason for reason in breaks), breaks
+    kernels = {"vwn_ghc::write_read_forward", "vwn_ghc::write_read_backward", "vwn_ghc::mtp_merge_forward",
+               "vwn_attn::attention_forward", "vwn_moe::route", "vwn_norm::rms_norm_forward"}
+    if gemm.use_onednn():
+        kernels.add("vwn::onednn_linear")
+    if gemm.has_avx512():
+        kernels |= {"vwn_swiglu::swiglu_forward", "vwn_swiglu::swiglu_backward", "vwn_gemm::weight_grad"}
+    assert kernels <= {event.name for event in prof.events()}
 
 
 def test_profiled_steps_leave_stderr_clean_and_restore_it(capfd):

@@ -21,10 +21,10 @@ def choice(monkeypatch):
             monkeypatch.delenv("VWN_CPU_GEMM", raising=False)
         else:
             monkeypatch.setenv("VWN_CPU_GEMM", value)
-        gemm.use_onednn.cache_clear()
+        gemm.forget_choices()
 
     yield set_choice
-    gemm.use_onednn.cache_clear()
+    gemm.forget_choices()
 
 
 @pytest.mark.parametrize("cpuinfo, onednn", [(AMD, True), (AMD_AVX2, False), (INTEL, False), (None, False)],

@@ -148,12 +148,27 @@ def test_fused_kernels_follow_a_non_contiguous_state():
     torch.testing.assert_close(x.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_the_ops_take_lane_tiles_off_a_64_byte_boundary_or_strided():
+    """The kernels load whole tiles: an offset view (as autograd or inductor may hand over) or a strided one is
+    copied first, not read misaligned."""
+    connection = perturbed_connection(2, 3, True, 0.3)
+    proj, scale = connection.coeff_proj.detach(), connection.coeff_scale.detach()
+    operands = (connection.static_a.detach(), connection.static_b.detach(), proj, scale, connection.temperature, 16)
+    tiles = torch.randn(1, 3, D_MODEL // 2, 16)
+    offset = torch.randn(tiles.numel() + 1)[1:].view_as(tiles).copy_(tiles)  # 4 bytes past the boundary
+    strided = torch.randn(1, 16, 3, D_MODEL // 2).permute(0, 2, 3, 1).copy_(tiles)  # lanes outermost in memory
+    want = torch.ops.vwn_ghc.read_forward(tiles, *operands, 1e-6)
+    for view in (offset, strided):
+        torch.testing.assert_close(torch.ops.vwn_ghc.read_forward(view, *operands, 1e-6), want, rtol=0, atol=0)
+
+
 def test_the_ops_reject_operands_they_cannot_take():
     a, b = torch.randn(3, 5), torch.randn(2, 3)  # A (n, m + n), B (m, n) for m = 2, n = 3
     read = torch.ops.vwn_ghc.read_forward
-    with pytest.raises(RuntimeError, match="h must be a contiguous float32 CPU tensor of 4 dims"):
+    not_tiles = r"h must be float32 CPU lane tiles \(tiles, n, d, 16\), got "
+    with pytest.raises(RuntimeError, match=not_tiles + r".* Double"):
         read(torch.randn(1, 3, 32, 16, dtype=torch.float64), a, b, None, None, 1.0, 8, 1e-6)
-    with pytest.raises(RuntimeError, match=r"h must be lane tiles \(tiles, n, d, 16\)"):
+    with pytest.raises(RuntimeError, match=not_tiles + r"\[1, 3, 32, 8\]"):
         read(torch.randn(1, 3, 32, 8), a, b, None, None, 1.0, 8, 1e-6)
     with pytest.raises(RuntimeError, match="40 tokens of 2 x 32 for 1 tiles"):
         read(torch.randn(1, 3, 32, 16), a, b, None, None, 1.0, 40, 1e-6)

@@ -257,7 +257,7 @@ def test_fused_swiglu_experts_equal_each_experts_swiglu(ends, hidden):
     x = torch.randn(150, 32, requires_grad=True)
     w_in = (torch.randn(experts, 32, 2 * hidden) / 4).requires_grad_()
     w_out = (torch.randn(experts, hidden, 32) / 4).requires_grad_()
-    out = _FusedSwiGLU.apply(x, w_in, w_out, ends)
+    out = _FusedSwiGLU.apply(x, w_in, w_out, torch.tensor(ends, dtype=torch.int32))
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (x, w_in, w_out), grad_out)
     bounds = [0, *ends]

@@ -51,15 +51,16 @@ def _cpu_is_non_intel_with_avx512() -> bool:
     return vendor not in ("", "GenuineIntel") and "avx512f" in flags
 
 
+# NOTE: the choices are made once per process (the cached functions) and read through functions that
+# torch.compile traces as their value (assume_constant_result): reading /proc/cpuinfo or torch.backends inside a
+# graph would break it, and dynamo traces through functools.cache, with a warning, rather than call it
 @functools.cache
-def has_avx512() -> bool:
-    """Whether the CPU has AVX-512, for which the sixteen-lane register tiles of the fused GEMM kernels are sized."""
+def _cpu_has_avx512() -> bool:
     return "avx512f" in _cpu()[1]
 
 
 @functools.cache
-def use_onednn() -> bool:
-    """Whether CPU fp32 products go through oneDNN (`VWN_CPU_GEMM`, see the module docstring)."""
+def _onednn_chosen() -> bool:
     choice = os.environ.get("VWN_CPU_GEMM", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"VWN_CPU_GEMM={choice!r}: allowed values are {', '.join(BACKENDS)}")
@@ -68,6 +69,24 @@ def use_onednn() -> bool:
             raise RuntimeError("VWN_CPU_GEMM=onednn: this torch build has no oneDNN (torch.backends.mkldnn)")
         return False
     return choice == "onednn" or (choice == "auto" and _cpu_is_non_intel_with_avx512())
+
+
+@torch.compiler.assume_constant_result
+def has_avx512() -> bool:
+    """Whether the CPU has AVX-512, for which the sixteen-lane register tiles of the fused GEMM kernels are sized."""
+    return _cpu_has_avx512()
+
+
+@torch.compiler.assume_constant_result
+def use_onednn() -> bool:
+    """Whether CPU fp32 products go through oneDNN (`VWN_CPU_GEMM`, see the module docstring)."""
+    return _onednn_chosen()
+
+
+def forget_choices() -> None:
+    """Make the next `use_onednn` / `has_avx512` read VWN_CPU_GEMM and the CPU again (their choices are cached)."""
+    _cpu_has_avx512.cache_clear()
+    _onednn_chosen.cache_clear()
 
 
 def backend() -> str:
@@ -83,16 +102,39 @@ def _plain(matrix: torch.Tensor) -> torch.Tensor:
     return matrix if matrix.is_contiguous() or matrix.T.is_contiguous() else matrix.contiguous()
 
 
+# NOTE: a custom op for torch.compile, opaque to inductor, whose lowering of mkldnn::_linear_pointwise expects a
+# weight it packed itself; eager calls the op directly (a custom op's Python dispatch costs more than this product at
+# the tiny config)
+@torch.library.custom_op("vwn::onednn_linear", mutates_args=())
+def _compiled_onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+@_compiled_onednn_linear.register_fake
+def _(a, b, bias):
+    return a.new_empty(a.shape[0], b.shape[0])
+
+
 def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a (M, K) · bᵀ (+ bias (N,)), b (N, K) -> (M, N), through oneDNN."""
+    if torch.compiler.is_compiling():
+        return _compiled_onednn_linear(_plain(a), _plain(b), bias)
     return torch.ops.mkldnn._linear_pointwise(_plain(a), _plain(b), bias, "none", [], "")
 
 
 def tiles_take(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels built on `csrc/gemm_tiles.h` (`weight_grad`, the MoE's SwiGLU op) can take these
-    operands: in eager, on a CPU with AVX-512 (the tiles' size; they spill on AVX2), fp32 CPU tensors, the extension
-    built. NOTE: `is_compiling` first: under torch.compile reading /proc/cpuinfo would break the graph."""
-    return not torch.compiler.is_compiling() and has_avx512() and cpu_kernels.applies(*tensors)
+    operands: on a CPU with AVX-512 (the tiles' size; they spill on AVX2), fp32 CPU tensors, the extension built."""
+    return has_avx512() and cpu_kernels.applies(*tensors)
+
+
+def _register_fake_kernels() -> None:
+    @torch.library.register_fake("vwn_gemm::weight_grad")
+    def _(a, b):
+        return a.new_empty(a.shape[1], b.shape[1])
+
+
+cpu_kernels.on_build(_register_fake_kernels)
 
 
 def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,10 +146,10 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def takes(*tensors: torch.Tensor) -> bool:
-    """Whether these operands' product goes through oneDNN: `use_onednn`, and fp32 CPU tensors outside autocast and
-    torch.compile (which picks its own kernels)."""
+    """Whether these operands' product goes through oneDNN: `use_onednn`, and fp32 CPU tensors outside autocast (in
+    a torch.compile graph too, as an opaque op: inductor's own choice here ran torch's matmuls, MKL's AVX2 code)."""
     return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and use_onednn())
+            and not torch.is_autocast_enabled("cpu") and use_onednn())
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -102,13 +102,6 @@ def _projection_gradients(proj: torch.Tensor | None, grad_proj: torch.Tensor, gr
     return (grad_proj, grad_scale) if proj is not None else (None, None)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t contiguous and on a 64-byte boundary, as the kernels load whole tiles (torch's CPU allocator aligns to 64;
-    only views at an offset need the copy)."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 64 == 0 else t.clone()
-
-
 class _ToTiles(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -117,13 +110,13 @@ class _ToTiles(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return torch.ops.vwn_ghc.from_tiles(_aligned(grad), ctx.tokens)
+        return torch.ops.vwn_ghc.from_tiles(grad, ctx.tokens)
 
 
 class _FromTiles(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tiles: torch.Tensor, tokens: int) -> torch.Tensor:
-        return torch.ops.vwn_ghc.from_tiles(_aligned(tiles), tokens)
+        return torch.ops.vwn_ghc.from_tiles(tiles, tokens)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -168,7 +161,7 @@ class _Write(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple:
         h, z, a, b, proj, scale = ctx.saved_tensors
         grad_h, grad_z, grad_a, grad_b, *grads = torch.ops.vwn_ghc.write_backward(
-            h, z, a, b, proj, scale, ctx.temperature, ctx.eps, _aligned(grad))
+            h, z, a, b, proj, scale, ctx.temperature, ctx.eps, grad)
         return grad_h, grad_z, grad_a, grad_b, *_projection_gradients(proj, *grads), None, None
 
 
@@ -190,7 +183,7 @@ class _WriteRead(torch.autograd.Function):
         temperature, eps, next_temperature, next_eps = ctx.scalars
         grad_h, grad_z, grad_a, grad_b, *grads = torch.ops.vwn_ghc.write_read_backward(
             h, z, out, a, b, proj, scale, temperature, eps, next_a, next_b, next_proj, next_scale, next_temperature,
-            next_eps, _aligned(grad_out), grad_x.contiguous())
+            next_eps, grad_out, grad_x.contiguous())
         grad_proj, grad_scale, grad_next_a, grad_next_proj, grad_next_scale = grads
         return (grad_h, grad_z, grad_a, grad_b, *_projection_gradients(proj, grad_proj, grad_scale), None, None,
                 grad_next_a, None, *_projection_gradients(next_proj, grad_next_proj, grad_next_scale), None, None)
@@ -198,7 +191,7 @@ class _WriteRead(torch.autograd.Function):
 
 def fused_read(h: LaneTiles, parameters: MixingParameters, eps: float) -> torch.Tensor:
     """State h (lane tiles of (..., n, d_b)) -> sublayer input x (..., m·d_b)."""
-    x = _Read.apply(_aligned(h.data), *parameters, h.shape[:-2].numel(), eps)
+    x = _Read.apply(h.data, *parameters, h.shape[:-2].numel(), eps)
     return x.view(*h.shape[:-2], -1)
 
 
@@ -209,14 +202,14 @@ def _slot_rows(z: torch.Tensor, h: LaneTiles) -> torch.Tensor:
 
 def fused_write(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps: float) -> LaneTiles:
     """State h (lane tiles of (..., n, d_b)) and sublayer output z (..., m·d_b) -> new state, as lane tiles."""
-    return LaneTiles(_Write.apply(_aligned(h.data), _slot_rows(z, h), *parameters, eps), h.shape)
+    return LaneTiles(_Write.apply(h.data, _slot_rows(z, h), *parameters, eps), h.shape)
 
 
 def fused_write_read(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps: float,
                      next_parameters: MixingParameters, next_eps: float) -> tuple[LaneTiles, torch.Tensor]:
     """`fused_write`, then the next GHC's `fused_read` of the new state, as one op: the new state's tiles pass through
     the cache once each way, and its two gradients (the next write's and the next read's) are summed tile by tile."""
-    out, x = _WriteRead.apply(_aligned(h.data), _slot_rows(z, h), *parameters, eps, *next_parameters, next_eps)
+    out, x = _WriteRead.apply(h.data, _slot_rows(z, h), *parameters, eps, *next_parameters, next_eps)
     return LaneTiles(out, h.shape), x.view(*h.shape[:-2], -1)
 
 
@@ -230,7 +223,7 @@ class _MTPMerge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        return *torch.ops.vwn_ghc.mtp_merge_backward(_aligned(grad), *ctx.saved_tensors), None
+        return *torch.ops.vwn_ghc.mtp_merge_backward(grad, *ctx.saved_tensors), None
 
 
 def fused_mtp_merge(hidden: torch.Tensor, embed: torch.Tensor, gamma_h: torch.Tensor, gamma_e: torch.Tensor,

@@ -46,6 +46,14 @@ def _register_fake_kernels() -> None:
     def _(grad, hidden):
         return torch.empty_like(hidden)
 
+    @torch.library.register_fake("vwn_swiglu::swiglu_forward")
+    def _(x, w_in, w_out, ends):
+        return torch.empty_like(x), x.new_empty(x.shape[0], w_in.shape[-1])
+
+    @torch.library.register_fake("vwn_swiglu::swiglu_backward")
+    def _(grad_y, x, pre, w_in, w_out, ends):
+        return torch.empty_like(x), torch.empty_like(w_in), torch.empty_like(w_out)
+
 
 cpu_kernels.on_build(_register_fake_kernels)
 
@@ -62,17 +70,16 @@ class _FusedSwiGLU(torch.autograd.Function):
     """SwiGLU experts as one fused CPU op each way (csrc/swiglu.cpp): both products and the gate per block of rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, ends: list[int]) -> torch.Tensor:
-        """x (N, D) grouped by expert, w_in (E, D, 2F), w_out (E, F, D), each expert's end row -> (N, D)."""
+    def forward(ctx, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """x (N, D) grouped by expert, w_in (E, D, 2F), w_out (E, F, D), each expert's end row (E,) int32 -> (N, D)."""
         y, pre = torch.ops.vwn_swiglu.swiglu_forward(x, w_in, w_out, ends)
-        ctx.ends = ends
-        ctx.save_for_backward(x, pre, w_in, w_out)
+        ctx.save_for_backward(x, pre, w_in, w_out, ends)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        x, pre, w_in, w_out = ctx.saved_tensors
-        return *torch.ops.vwn_swiglu.swiglu_backward(grad.contiguous(), x, pre, w_in, w_out, ctx.ends), None
+        x, pre, w_in, w_out, ends = ctx.saved_tensors
+        return *torch.ops.vwn_swiglu.swiglu_backward(grad.contiguous(), x, pre, w_in, w_out, ends), None
 
 
 def _fused_swiglu_takes(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
@@ -86,7 +93,8 @@ def swiglu(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Te
     """x (..., D), w_in (D, 2F) holding [gate | up], w_out (F, D) -> (..., D)."""
     if _fused_swiglu_takes(x, w_in, w_out):
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        return _FusedSwiGLU.apply(rows, w_in.unsqueeze(0), w_out.unsqueeze(0), [rows.shape[0]]).view(x.shape)
+        ends = torch.full((1,), rows.shape[0], dtype=torch.int32)
+        return _FusedSwiGLU.apply(rows, w_in.unsqueeze(0), w_out.unsqueeze(0), ends).view(x.shape)
     return linear(gated_silu(linear(x, w_in.T)), w_out.T)
 
 
@@ -274,7 +282,7 @@ class MixtureOfExperts(nn.Module):
                         self.top_k, fused)
         routed = dispatch(flat, routing, fused)
         if fused and _fused_swiglu_takes(routed, self.w_in, self.w_out):
-            y = _FusedSwiGLU.apply(routed, self.w_in, self.w_out, routing.ends.tolist())
+            y = _FusedSwiGLU.apply(routed, self.w_in, self.w_out, routing.ends)
         elif fused and gemm.takes(routed, self.w_in, self.w_out):
             y = _OneDNNExperts.apply(routed, self.w_in, self.w_out, routing.ends)
         else:

@@ -278,7 +278,7 @@ class LanguageModel(nn.Module):
 
         Every shape is fixed by the config, MoE included (its expert groups are offsets into one
         sorted batch, not separately shaped tensors), so `dynamic=False` suits it; the chunked losses
-        run eager after the compiled graph."""
+        run eager after the compiled graph, which holds the fused CPU kernels as opaque ops (no graph break)."""
         cpu_kernels.available()  # built eagerly: the trace cannot build them, only see whether they are there
         super().compile(**kwargs)
 

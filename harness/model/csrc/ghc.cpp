@@ -402,10 +402,14 @@ v16* thread_sums(vwn::ThreadRows& sums) { return reinterpret_cast<v16*>(sums.row
 // The GHC state arrives and leaves as lane tiles, (tiles, n, d, 16): tile t holds tokens 16t .. 16t + 15, lane l
 // token 16t + l, zeros past the last token; only the sublayer's x and z are token-major. Transposing the state
 // in and out of every op took 40-50 % of the ops' time at (2, 3) and (2, 16).
-void check_tiles(const Tensor& t, const char* name) {
-  check_input(t, name, 4);
-  TORCH_CHECK(t.size(3) == kLanes && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % sizeof(v16) == 0,
-              "vwn_ghc: ", name, " must be lane tiles (tiles, n, d, 16) on a 64-byte boundary, got ", t.sizes());
+// The ops load whole tiles, so they take t as it is if contiguous and on a 64-byte boundary (every tensor torch's
+// CPU allocator makes), else a copy that is (a view at an offset, which autograd or inductor may hand over).
+Tensor as_tiles(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(3) == kLanes,
+              "vwn_ghc: ", name, " must be float32 CPU lane tiles (tiles, n, d, 16), got ", t.sizes(), " ",
+              t.scalar_type(), " on ", t.device());
+  const bool aligned = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % sizeof(v16) == 0;
+  return t.is_contiguous() && aligned ? t : at::empty(t.sizes(), t.options()).copy_(t);
 }
 
 const v16* tile_of(const Tensor& tiles, int64_t tile) {
@@ -429,8 +433,8 @@ Tensor to_tiles(const Tensor& x) {
 }
 
 // lane tiles (tiles, n, d, 16) -> x (T, n, d), the first T tokens
-Tensor from_tiles(const Tensor& tiles, int64_t tokens) {
-  check_tiles(tiles, "tiles");
+Tensor from_tiles(const Tensor& tiles_arg, int64_t tokens) {
+  const Tensor tiles = as_tiles(tiles_arg, "tiles");
   TORCH_CHECK(0 <= tokens && tokens <= tiles.size(0) * kLanes, "vwn_ghc: ", tokens, " tokens in ", tiles.size(0),
               " tiles");
   const int64_t width = tiles.size(1) * tiles.size(2);
@@ -494,9 +498,9 @@ void write_tile_backward(const Mixing& mixing, const v16* h, const v16* z, const
 // (through the next write and through the next read) summed in the tile rather than by a pass over the whole state.
 
 // h (tiles) -> x (T, m, d)
-Tensor read_forward(const Tensor& h, const Tensor& a, const Tensor& b, const std::optional<Tensor>& proj,
+Tensor read_forward(const Tensor& h_arg, const Tensor& a, const Tensor& b, const std::optional<Tensor>& proj,
                     const std::optional<Tensor>& scale, double temperature, int64_t tokens, double eps) {
-  check_tiles(h, "h");
+  const Tensor h = as_tiles(h_arg, "h");
   Tensor x = at::empty({tokens, b.size(0), h.size(2)}, h.options());
   const Dims s(h, x);
   const Mixing read({a, b, proj, scale, temperature}, s, eps, Side::read);
@@ -511,11 +515,11 @@ Tensor read_forward(const Tensor& h, const Tensor& a, const Tensor& b, const std
 
 // gradient of x (T, m, d) -> gradients of h (tiles), A (n, m + n), proj (d, k) and scale (n, k) (the last two
 // empty if static); B takes no part in the read
-std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const Tensor& a, const Tensor& b,
+std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h_arg, const Tensor& a, const Tensor& b,
                                                          const std::optional<Tensor>& proj,
                                                          const std::optional<Tensor>& scale, double temperature,
                                                          double eps, const Tensor& grad_x) {
-  check_tiles(h, "h");
+  const Tensor h = as_tiles(h_arg, "h");
   check_input(grad_x, "grad_x", 3);
   const Dims s(h, grad_x);
   const Mixing read({a, b, proj, scale, temperature}, s, eps, Side::read);
@@ -534,10 +538,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h, const 
 }
 
 // h (tiles), z (T, m, d) -> new state (tiles)
-Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& a, const Tensor& b,
+Tensor write_forward(const Tensor& h_arg, const Tensor& z, const Tensor& a, const Tensor& b,
                      const std::optional<Tensor>& proj, const std::optional<Tensor>& scale, double temperature,
                      double eps) {
-  check_tiles(h, "h");
+  const Tensor h = as_tiles(h_arg, "h");
   check_input(z, "z", 3);
   const Dims s(h, z);
   const Mixing write({a, b, proj, scale, temperature}, s, eps, Side::write);
@@ -553,11 +557,11 @@ Tensor write_forward(const Tensor& h, const Tensor& z, const Tensor& a, const Te
 
 // gradient g of the new state (tiles) -> gradients of h (tiles), z (T, m, d), A, B, proj and scale
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(
-    const Tensor& h, const Tensor& z, const Tensor& a, const Tensor& b, const std::optional<Tensor>& proj,
-    const std::optional<Tensor>& scale, double temperature, double eps, const Tensor& grad) {
-  check_tiles(h, "h");
+    const Tensor& h_arg, const Tensor& z, const Tensor& a, const Tensor& b, const std::optional<Tensor>& proj,
+    const std::optional<Tensor>& scale, double temperature, double eps, const Tensor& grad_arg) {
+  const Tensor h = as_tiles(h_arg, "h");
   check_input(z, "z", 3);
-  check_tiles(grad, "grad");
+  const Tensor grad = as_tiles(grad_arg, "grad");
   TORCH_CHECK(grad.sizes() == h.sizes(), "vwn_ghc: grad ", grad.sizes(), " for a state of ", h.sizes());
   const Dims s(h, z);
   const Mixing write({a, b, proj, scale, temperature}, s, eps, Side::write);
@@ -579,13 +583,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(
 }
 
 // h (tiles), z (T, m, d) -> the write's new state (tiles) and the next GHC's read of it, x (T, m, d)
-std::tuple<Tensor, Tensor> write_read_forward(const Tensor& h, const Tensor& z, const Tensor& a, const Tensor& b,
-                                              const std::optional<Tensor>& proj, const std::optional<Tensor>& scale,
-                                              double temperature, double eps, const Tensor& next_a,
+std::tuple<Tensor, Tensor> write_read_forward(const Tensor& h_arg, const Tensor& z, const Tensor& a,
+                                              const Tensor& b, const std::optional<Tensor>& proj,
+                                              const std::optional<Tensor>& scale, double temperature, double eps,
+                                              const Tensor& next_a,
                                               const Tensor& next_b, const std::optional<Tensor>& next_proj,
                                               const std::optional<Tensor>& next_scale, double next_temperature,
                                               double next_eps) {
-  check_tiles(h, "h");
+  const Tensor h = as_tiles(h_arg, "h");
   check_input(z, "z", 3);
   const Dims s(h, z);
   const Mixing write({a, b, proj, scale, temperature}, s, eps, Side::write);
@@ -609,14 +614,14 @@ std::tuple<Tensor, Tensor> write_read_forward(const Tensor& h, const Tensor& z, 
 // gradients of the new state out (tiles, through the next write) and of x (T, m, d) -> gradients of h (tiles),
 // z (T, m, d), this GHC's A, B, proj and scale, and the next GHC's A, proj and scale
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_read_backward(
-    const Tensor& h, const Tensor& z, const Tensor& out, const Tensor& a, const Tensor& b,
+    const Tensor& h_arg, const Tensor& z, const Tensor& out_arg, const Tensor& a, const Tensor& b,
     const std::optional<Tensor>& proj, const std::optional<Tensor>& scale, double temperature, double eps,
     const Tensor& next_a, const Tensor& next_b, const std::optional<Tensor>& next_proj,
-    const std::optional<Tensor>& next_scale, double next_temperature, double next_eps, const Tensor& grad_out,
+    const std::optional<Tensor>& next_scale, double next_temperature, double next_eps, const Tensor& grad_out_arg,
     const Tensor& grad_x) {
-  check_tiles(h, "h");
-  check_tiles(out, "out");
-  check_tiles(grad_out, "grad_out");
+  const Tensor h = as_tiles(h_arg, "h");
+  const Tensor out = as_tiles(out_arg, "out");
+  const Tensor grad_out = as_tiles(grad_out_arg, "grad_out");
   check_input(z, "z", 3);
   check_input(grad_x, "grad_x", 3);
   TORCH_CHECK(out.sizes() == h.sizes() && grad_out.sizes() == h.sizes() && grad_x.sizes() == z.sizes(),
@@ -706,12 +711,12 @@ std::tuple<Tensor, Tensor, Tensor> mtp_merge_forward(const Tensor& h, const Tens
 }
 
 // gradient of the merged state (lane tiles) -> gradients of hidden, embed, the two norm weights and the merge weight
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tensor& grad, const Tensor& h,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tensor& grad_arg, const Tensor& h,
                                                                       const Tensor& e, const Tensor& gamma_h,
                                                                       const Tensor& gamma_e, const Tensor& weight,
                                                                       const Tensor& rstd_h, const Tensor& rstd_e) {
   check_merge_operands(h, e, gamma_h, gamma_e, weight);
-  check_tiles(grad, "grad");
+  const Tensor grad = as_tiles(grad_arg, "grad");
   const MergeDims s(h);
   const int64_t n = s.n, d = s.d, width = n * d;
   TORCH_CHECK(grad.size(0) == s.tiles && grad.size(1) == n && grad.size(2) == d, "vwn_ghc: grad ", grad.sizes(),

@@ -60,6 +60,15 @@ Shape check_operands(const Tensor& x, const Tensor& w_in, const Tensor& w_out, a
   return {x.size(0), width, hidden};
 }
 
+// each expert's end row (E,), int32 (a tensor, not a list of ints, so that torch.compile traces the ops without
+// reading it)
+std::vector<int64_t> end_rows(const Tensor& ends) {
+  TORCH_CHECK(ends.device().is_cpu() && ends.scalar_type() == at::kInt && ends.is_contiguous() && ends.dim() == 1,
+              "vwn_ffn: ends must be a contiguous 1-D int32 CPU tensor, got ", ends.sizes(), " ", ends.scalar_type());
+  const int32_t* e = ends.data_ptr<int32_t>();
+  return std::vector<int64_t>(e, e + ends.size(0));
+}
+
 std::vector<Block> blocks_of(at::IntArrayRef ends) {
   std::vector<Block> blocks;
   int64_t start = 0;
@@ -82,7 +91,8 @@ void gate_rows(float* __restrict h, const float* __restrict pre, int64_t count, 
 
 // x (N, D) grouped by expert, w_in (E, D, 2F), w_out (E, F, D), ends (E,) -> y (N, D), pre (N, 2F)
 std::tuple<Tensor, Tensor> swiglu_forward(const Tensor& x, const Tensor& w_in, const Tensor& w_out,
-                                          at::IntArrayRef ends) {
+                                          const Tensor& end_tensor) {
+  const std::vector<int64_t> ends = end_rows(end_tensor);
   const Shape s = check_operands(x, w_in, w_out, ends);
   const int64_t D = s.width, F = s.hidden;
   Tensor y = at::empty({s.rows, D}, x.options());
@@ -109,7 +119,9 @@ std::tuple<Tensor, Tensor> swiglu_forward(const Tensor& x, const Tensor& w_in, c
 
 // gradient of y (N, D), and x, pre, w_in, w_out, ends of the forward -> gradients of x, w_in and w_out
 std::tuple<Tensor, Tensor, Tensor> swiglu_backward(const Tensor& grad_y, const Tensor& x, const Tensor& pre,
-                                                   const Tensor& w_in, const Tensor& w_out, at::IntArrayRef ends) {
+                                                   const Tensor& w_in, const Tensor& w_out,
+                                                   const Tensor& end_tensor) {
+  const std::vector<int64_t> ends = end_rows(end_tensor);
   const Shape s = check_operands(x, w_in, w_out, ends);
   const int64_t D = s.width, F = s.hidden, experts = w_in.size(0);
   TORCH_CHECK(grad_y.is_contiguous() && grad_y.sizes() == x.sizes() && pre.is_contiguous() && pre.dim() == 2 &&
@@ -180,8 +192,8 @@ std::tuple<Tensor, Tensor, Tensor> swiglu_backward(const Tensor& grad_y, const T
 }  // namespace
 
 TORCH_LIBRARY(vwn_swiglu, lib) {
-  lib.def("swiglu_forward(Tensor x, Tensor w_in, Tensor w_out, int[] ends) -> (Tensor, Tensor)");
-  lib.def("swiglu_backward(Tensor grad_y, Tensor x, Tensor pre, Tensor w_in, Tensor w_out, int[] ends)"
+  lib.def("swiglu_forward(Tensor x, Tensor w_in, Tensor w_out, Tensor ends) -> (Tensor, Tensor)");
+  lib.def("swiglu_backward(Tensor grad_y, Tensor x, Tensor pre, Tensor w_in, Tensor w_out, Tensor ends)"
           " -> (Tensor, Tensor, Tensor)");
 }
 
