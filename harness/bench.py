@@ -401,8 +401,8 @@ def swiglu_matmuls(w_in: torch.Tensor, w_out: torch.Tensor, ends: torch.Tensor, 
         return "aten::mm", ((rows, depth), (depth, columns))
 
     calls = []
-    ends = ends.tolist()
-    for rows in (end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)):
+    bounds = ends.tolist()
+    for rows in (end - start for start, end in zip([0, *bounds[:-1]], bounds, strict=True)):
         if rows == 0:
             continue
         if not backward:
