@@ -74,7 +74,7 @@ def test_weight_grad_is_a_transposed_times_b_on_the_fused_kernel(rows, m, n):
     a, b = torch.randn(rows, m), torch.randn(rows, n)
     with torch.profiler.profile() as prof:
         got = gemm.weight_grad(a, b)
-    if gemm.has_avx512():
+    if gemm.has_avx2():
         assert [e.name for e in prof.events() if e.name.startswith("vwn_gemm")] == ["vwn_gemm::weight_grad"]
     want = a.double().T @ b.double()
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 * max(1.0, want.abs().max().item()))

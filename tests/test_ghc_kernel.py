@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from harness.model import cpu_kernels, ghc_kernel
+from harness.model import cpu_kernels, gemm, ghc_kernel
 from harness.model.config import ModelConfig
 from harness.model.ghc import GeneralizedHyperConnection, run_stack, tile_state, untile_state
 from harness.model.transformer import MultiTokenPredictor
@@ -123,14 +123,17 @@ def test_fused_mtp_merge_matches_the_reference_path_in_float64(m, n):
         assert error < 2e-6, f"{name}: relative error {error:.2e}"
 
 
-def test_lane_tiles_hold_token_16t_plus_l_in_lane_l_of_tile_t():
-    h = torch.randn(3, 50, 4, 32, requires_grad=True)  # 150 tokens: 9 full tiles and 6 tokens in the tenth
+def test_lane_tiles_hold_token_lt_plus_l_in_lane_l_of_tile_t():
+    lanes = ghc_kernel.lanes()
+    assert lanes == (16 if "avx512f" in gemm._cpu()[1] else 8)  # one vector register of floats
+    h = torch.randn(3, 50, 4, 32, requires_grad=True)  # 150 tokens: 6 in the last tile at 16 or 8 lanes
     tiles = tile_state(h)
-    assert isinstance(tiles, ghc_kernel.LaneTiles) and tiles.data.shape == (10, 4, 32, 16)
+    last = 150 // lanes
+    assert isinstance(tiles, ghc_kernel.LaneTiles) and tiles.data.shape == (last + 1, 4, 32, lanes)
     tokens = h.detach().flatten(0, 1)
-    for t, lane in [(0, 0), (3, 7), (9, 5)]:
-        torch.testing.assert_close(tiles.data[t, ..., lane], tokens[16 * t + lane], rtol=0, atol=0)
-    assert tiles.data[9, ..., 6:].abs().max() == 0  # past the last token
+    for t, lane in [(0, 0), (3, lanes - 1), (last, 5)]:
+        torch.testing.assert_close(tiles.data[t, ..., lane], tokens[lanes * t + lane], rtol=0, atol=0)
+    assert tiles.data[last, ..., 6:].abs().max() == 0  # past the last token
     back = untile_state(tiles)
     torch.testing.assert_close(back, h, rtol=0, atol=0)
     weights = torch.randn_like(h)
@@ -153,10 +156,12 @@ def test_the_ops_take_lane_tiles_off_a_64_byte_boundary_or_strided():
     copied first, not read misaligned."""
     connection = perturbed_connection(2, 3, True, 0.3)
     proj, scale = connection.coeff_proj.detach(), connection.coeff_scale.detach()
-    operands = (connection.static_a.detach(), connection.static_b.detach(), proj, scale, connection.temperature, 16)
-    tiles = torch.randn(1, 3, D_MODEL // 2, 16)
+    lanes = ghc_kernel.lanes()
+    operands = (connection.static_a.detach(), connection.static_b.detach(), proj, scale, connection.temperature,
+                lanes)
+    tiles = torch.randn(1, 3, D_MODEL // 2, lanes)
     offset = torch.randn(tiles.numel() + 1)[1:].view_as(tiles).copy_(tiles)  # 4 bytes past the boundary
-    strided = torch.randn(1, 16, 3, D_MODEL // 2).permute(0, 2, 3, 1).copy_(tiles)  # lanes outermost in memory
+    strided = torch.randn(1, lanes, 3, D_MODEL // 2).permute(0, 2, 3, 1).copy_(tiles)  # lanes outermost in memory
     want = torch.ops.vwn_ghc.read_forward(tiles, *operands, 1e-6)
     for view in (offset, strided):
         torch.testing.assert_close(torch.ops.vwn_ghc.read_forward(view, *operands, 1e-6), want, rtol=0, atol=0)
@@ -165,20 +170,21 @@ def test_the_ops_take_lane_tiles_off_a_64_byte_boundary_or_strided():
 def test_the_ops_reject_operands_they_cannot_take():
     a, b = torch.randn(3, 5), torch.randn(2, 3)  # A (n, m + n), B (m, n) for m = 2, n = 3
     read = torch.ops.vwn_ghc.read_forward
-    not_tiles = r"h must be float32 CPU lane tiles \(tiles, n, d, 16\), got "
+    lanes = ghc_kernel.lanes()
+    not_tiles = rf"h must be float32 CPU lane tiles \(tiles, n, d, {lanes}\), got "
     with pytest.raises(RuntimeError, match=not_tiles + r".* Double"):
-        read(torch.randn(1, 3, 32, 16, dtype=torch.float64), a, b, None, None, 1.0, 8, 1e-6)
-    with pytest.raises(RuntimeError, match=not_tiles + r"\[1, 3, 32, 8\]"):
-        read(torch.randn(1, 3, 32, 8), a, b, None, None, 1.0, 8, 1e-6)
+        read(torch.randn(1, 3, 32, lanes, dtype=torch.float64), a, b, None, None, 1.0, 8, 1e-6)
+    with pytest.raises(RuntimeError, match=not_tiles + rf"\[1, 3, 32, {lanes // 2}\]"):
+        read(torch.randn(1, 3, 32, lanes // 2), a, b, None, None, 1.0, 8, 1e-6)
     with pytest.raises(RuntimeError, match="40 tokens of 2 x 32 for 1 tiles"):
-        read(torch.randn(1, 3, 32, 16), a, b, None, None, 1.0, 40, 1e-6)
+        read(torch.randn(1, 3, 32, lanes), a, b, None, None, 1.0, 40, 1e-6)
     with pytest.raises(RuntimeError, match=r"A must be \(n, m \+ n\) and B \(m, n\), here \(3, 6\) and \(3, 3\), "
                                            r"got \[3, 5\] and \[3, 2\]"):
-        read(torch.randn(1, 3, 32, 16), a, b.T.contiguous(), None, None, 1.0, 8, 1e-6)
+        read(torch.randn(1, 3, 32, lanes), a, b.T.contiguous(), None, None, 1.0, 8, 1e-6)
     with pytest.raises(RuntimeError, match=r"here \(4, 6\) and \(2, 4\), got \[3, 5\] and \[2, 3\]"):  # 4 slots
-        read(torch.randn(1, 4, 32, 16), a, b, None, None, 1.0, 8, 1e-6)
+        read(torch.randn(1, 4, 32, lanes), a, b, None, None, 1.0, 8, 1e-6)
     with pytest.raises(RuntimeError, match=r"proj must be \(32, 7\) and scale \(3, 7\), got \[32, 5\]"):
-        read(torch.randn(1, 3, 32, 16), a, b, torch.randn(32, 5), torch.randn(3, 7), 1.0, 8, 1e-6)
+        read(torch.randn(1, 3, 32, lanes), a, b, torch.randn(32, 5), torch.randn(3, 7), 1.0, 8, 1e-6)
 
 
 def test_other_dtypes_take_the_reference_path():

@@ -5,7 +5,7 @@
 - `csrc/rms_norm.cpp`: RMSNorm forward and backward (`vwn_norm::*`, used by `norm`);
 - `csrc/gated_silu.cpp`: the SwiGLU gate silu(gate) ∘ up, forward and backward (`vwn_ffn::*`, used by `moe`);
 - `csrc/swiglu.cpp`: SwiGLU experts (or one dense SwiGLU), both products and the gate, forward and backward
-  (`vwn_swiglu::*`, used by `moe` on AVX-512);
+  (`vwn_swiglu::*`, used by `moe` on AVX2 and AVX-512);
 - `csrc/layer_norm.cpp`: a layer norm without affine, the reduce head's GroupNorm (`vwn_layer_norm::*`, used by
   `norm.layer_norm`);
 - `csrc/moe_routing.cpp`: the MoE's routing, dispatch and combine (`vwn_moe::*`, used by `routing`);

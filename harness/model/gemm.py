@@ -11,14 +11,15 @@ MKL on Intel was measured well by this project before (238-314 GFLOP/s at 4096²
 
 On oneDNN go the cross-entropy's products (inside its C++ op), every `Linear` / `linear`, forward and input
 gradient, and each MoE expert's SwiGLU products with a token row (`moe._OneDNNExperts`, where the fused SwiGLU
-op, `moe._FusedSwiGLU` on AVX-512, does not take them). In the training step:
+op, `moe._FusedSwiGLU` on AVX2 and AVX-512, does not take them). In the training step:
 the cross-entropy 23.8 → 11.6 ms at the tiny config; the rest, the same model's step alternated with and without
 it in one process, tiny × 0.93 (r = 1, (2,3), (2,8)), small × 0.74-0.77. The choice is made once per process (a
 resumed run on the same machine makes the same one); the libraries sum in other orders, so results differ in the
 last bits.
 
 Their weight gradients, aᵀ b over the token rows with a small result, run at 140-250 GFLOP/s on either library
-here; `weight_grad` takes them to the fused kernel `csrc/weight_grad.cpp` (410-430) on CPUs with AVX-512.
+here; `weight_grad` takes them to the fused kernel `csrc/weight_grad.cpp` (410-430) on CPUs with AVX2 or AVX-512
+(on an AVX2 AMD EPYC, Zen 3, 2026-12-02: 94-124 GFLOP/s, MKL 85-118).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def _cpu_is_non_intel_with_avx512() -> bool:
 # torch.compile traces as their value (assume_constant_result): reading /proc/cpuinfo or torch.backends inside a
 # graph would break it, and dynamo traces through functools.cache, with a warning, rather than call it
 @functools.cache
-def _cpu_has_avx512() -> bool:
-    return "avx512f" in _cpu()[1]
+def _cpu_has_avx2() -> bool:
+    return "avx2" in _cpu()[1]
 
 
 @functools.cache
@@ -72,9 +73,10 @@ def _onednn_chosen() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def has_avx512() -> bool:
-    """Whether the CPU has AVX-512, for which the sixteen-lane register tiles of the fused GEMM kernels are sized."""
-    return _cpu_has_avx512()
+def has_avx2() -> bool:
+    """Whether the CPU has AVX2 (AVX-512 CPUs have it too): the register tiles of the fused GEMM kernels are sized
+    for AVX2's registers or AVX-512's."""
+    return _cpu_has_avx2()
 
 
 @torch.compiler.assume_constant_result
@@ -84,8 +86,8 @@ def use_onednn() -> bool:
 
 
 def forget_choices() -> None:
-    """Make the next `use_onednn` / `has_avx512` read VWN_CPU_GEMM and the CPU again (their choices are cached)."""
-    _cpu_has_avx512.cache_clear()
+    """Make the next `use_onednn` / `has_avx2` read VWN_CPU_GEMM and the CPU again (their choices are cached)."""
+    _cpu_has_avx2.cache_clear()
     _onednn_chosen.cache_clear()
 
 
@@ -124,8 +126,8 @@ def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
 
 def tiles_take(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels built on `csrc/gemm_tiles.h` (`weight_grad`, the MoE's SwiGLU op) can take these
-    operands: on a CPU with AVX-512 (the tiles' size; they spill on AVX2), fp32 CPU tensors, the extension built."""
-    return has_avx512() and cpu_kernels.applies(*tensors)
+    operands: on a CPU with AVX2 or AVX-512, fp32 CPU tensors, the extension built."""
+    return has_avx2() and cpu_kernels.applies(*tensors)
 
 
 def _register_fake_kernels() -> None:

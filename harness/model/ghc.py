@@ -18,8 +18,8 @@ of H (fp32, temperature τ = √d_b):
 single slot there is nothing to mix, so the baseline is this module's degenerate case, not a
 separate model.
 
-On CPU in fp32, read and write run as fused C++ kernels (`ghc_kernel`: sixteen tokens at a time, one
-per vector lane, each tile's coefficients recomputed in cache instead of stored), and a write with the
+On CPU in fp32, read and write run as fused C++ kernels (`ghc_kernel`: a vector register's lanes of tokens at
+a time, one per lane, each tile's coefficients recomputed in cache instead of stored), and a write with the
 next GHC's read as one (`run_stack`). They take the state in lane tiles, which `tile_state` makes at the
 start of a stack of blocks and `untile_state` undoes at its end; given a plain tensor, read and write run
 the torch code below, which serves every other dtype and device and is the tests' reference for the

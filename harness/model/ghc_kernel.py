@@ -1,11 +1,11 @@
 """Autograd functions around the fused CPU GHC kernels (`csrc/ghc.cpp`, built by `cpu_kernels`).
 
-The kernels keep the GHC state in lane tiles (`LaneTiles`): sixteen tokens per tile, one per vector lane, so
-that no op transposes the state; `to_tiles` and `from_tiles` convert at the ends of a stack of GHC-wrapped
-blocks. `fused_read` and `fused_write` compute what `GeneralizedHyperConnection.read` / `.write` compute on
-their reference path, `fused_write_read` a write and the next GHC's read of the state it wrote, and
-`fused_mtp_merge` what `MultiTokenPredictor.merged` does (ending in lane tiles), each as one pass over its
-tensors forward and one backward.
+The kernels keep the GHC state in lane tiles (`LaneTiles`): one token per lane of the CPU's vector registers
+(16 on AVX-512, 8 on AVX2; `lanes()`), so that no op transposes the state; `to_tiles` and `from_tiles` convert
+at the ends of a stack of GHC-wrapped blocks. `fused_read` and `fused_write` compute what
+`GeneralizedHyperConnection.read` / `.write` compute on their reference path, `fused_write_read` a write and the
+next GHC's read of the state it wrote, and `fused_mtp_merge` what `MultiTokenPredictor.merged` does (ending in
+lane tiles), each as one pass over its tensors forward and one backward.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from typing import NamedTuple
 import torch
 
 from harness.model import cpu_kernels
-
-LANES = 16  # tokens per tile
 
 
 class MixingParameters(NamedTuple):
@@ -30,15 +28,22 @@ class MixingParameters(NamedTuple):
 
 
 class LaneTiles(NamedTuple):
-    """A state (B, T, n, d_b) as the kernels keep it: tile t of `data` (⌈B·T / 16⌉, n, d_b, 16) holds tokens
-    16t .. 16t + 15 of the flattened batch, token 16t + l in lane l; lanes past the last token are zero."""
+    """A state (B, T, n, d_b) as the kernels keep it: tile t of `data` (⌈B·T / L⌉, n, d_b, L), L = `lanes()`,
+    holds tokens Lt .. Lt + L - 1 of the flattened batch, token Lt + l in lane l; lanes past the last token are
+    zero."""
 
     data: torch.Tensor
     shape: torch.Size  # (B, T, n, d_b)
 
 
+def lanes() -> int:
+    """Tokens per lane tile: the lanes of one vector register of floats on the CPU the kernels were built for."""
+    return torch.ops.vwn_ghc.lanes()
+
+
 def _register_fake_kernels() -> None:
     """Shapes of the ops' outputs, for torch.compile (which traces with fake tensors)."""
+    lane_count = lanes()
 
     def projection_gradients(a, proj, scale):
         dynamic = proj is not None
@@ -47,13 +52,13 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("vwn_ghc::to_tiles")
     def _(x):
-        return x.new_empty(-(-x.shape[0] // LANES), x.shape[1], x.shape[2], LANES)
+        return x.new_empty(-(-x.shape[0] // lane_count), x.shape[1], x.shape[2], lane_count)
 
     @torch.library.register_fake("vwn_ghc::mtp_merge_forward")
     def _(hidden, embed, gamma_h, gamma_e, weight, eps):
         tokens, n, d = hidden.shape
         rstd = hidden.new_empty(tokens)
-        return hidden.new_empty(-(-tokens // LANES), n, d, LANES), rstd, torch.empty_like(rstd)
+        return hidden.new_empty(-(-tokens // lane_count), n, d, lane_count), rstd, torch.empty_like(rstd)
 
     @torch.library.register_fake("vwn_ghc::mtp_merge_backward")
     def _(grad, hidden, embed, gamma_h, gamma_e, weight, rstd_h, rstd_e):

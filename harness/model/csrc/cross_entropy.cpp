@@ -54,31 +54,32 @@ Tensor onednn_linear(const Tensor& a, const Tensor& b) {
 // NOTE: four vectors in flight in the max and sum loops: with one, each step waits on the last (4-cycle
 // latency) and the row pass took as long as the chunk's GEMMs; `omp simd` reductions compiled to one.
 inline double row_loss(float* __restrict x, int64_t vocab, int64_t target, bool to_exp, float* inverse_sum) {
-  using vwn::load, vwn::store, vwn::v16;
-  const int64_t whole = vocab / 64 * 64;
-  v16 lanes[4];
-  for (auto& l : lanes) l = v16{} - std::numeric_limits<float>::infinity();
-  for (int64_t v = 0; v < whole; v += 64)
+  using vwn::load, vwn::store, vwn::vreg;
+  constexpr int64_t L = vwn::kRegisterLanes;
+  const int64_t whole = vocab / (4 * L) * (4 * L);
+  vreg lanes[4];
+  for (auto& l : lanes) l = vreg{} - std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < whole; v += 4 * L)
     for (int j = 0; j < 4; ++j) {
-      const v16 block = load<v16>(x + v + 16 * j);
+      const vreg block = load<vreg>(x + v + L * j);
       lanes[j] = block > lanes[j] ? block : lanes[j];
     }
   float peak = -std::numeric_limits<float>::infinity();
   for (const auto& l : lanes)
-    for (int i = 0; i < 16; ++i) peak = std::max(peak, l[i]);
+    for (int i = 0; i < L; ++i) peak = std::max(peak, l[i]);
   for (int64_t v = whole; v < vocab; ++v) peak = std::max(peak, x[v]);
 
   const float target_logit = x[target];
-  v16 sums[4] = {};
-  for (int64_t v = 0; v < whole; v += 64)
+  vreg sums[4] = {};
+  for (int64_t v = 0; v < whole; v += 4 * L)
     for (int j = 0; j < 4; ++j) {
-      const v16 e = vwn::exp_nonpositive(load<v16>(x + v + 16 * j) - peak);
-      if (to_exp) store(x + v + 16 * j, e);
+      const vreg e = vwn::exp_nonpositive(load<vreg>(x + v + L * j) - peak);
+      if (to_exp) store(x + v + L * j, e);
       sums[j] += e;
     }
   float sum = 0.0f;
   for (const auto& s : sums)
-    for (int i = 0; i < 16; ++i) sum += s[i];
+    for (int i = 0; i < L; ++i) sum += s[i];
   for (int64_t v = whole; v < vocab; ++v) {
     const float e = vwn::exp_nonpositive(x[v] - peak);
     if (to_exp) x[v] = e;

@@ -1,7 +1,8 @@
-// Register-tile products in sixteen-lane vectors for the fused kernels' small GEMMs (weight_grad.cpp,
-// swiglu.cpp): tiles of 8 rows × 32 columns, 16 sums in flight, each row k of the right factor loaded once as
-// two vectors and each left entry broadcast, so sixteen multiply-adds take two loads and eight broadcasts.
-// Sized for AVX-512's 32 registers (on AVX2 each vector is two registers and the tiles spill).
+// Register-tile products for the fused kernels' small GEMMs (weight_grad.cpp, swiglu.cpp): tiles of kTileRows rows
+// × two registers of columns, each row k of the right factor loaded once as two vectors and each left entry
+// broadcast against them. On AVX-512 (32 registers of 16 lanes) 8 × 32: sixteen multiply-adds take two loads and
+// eight broadcasts; on AVX2 (16 registers of 8 lanes) 6 × 16, twelve registers of sums, which leaves room for the
+// two loads and a broadcast.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,6 +14,13 @@
 #include "vector_math.h"
 
 namespace vwn {
+
+#ifdef __AVX512F__
+constexpr int kTileRows = 8;
+#else
+constexpr int kTileRows = 6;
+#endif
+constexpr int64_t kTileColumns = 2 * kRegisterLanes;
 
 // The left factor of a product: a row-major (R, K) matrix (Transposed = false; entry (r, k) at
 // data[r * stride + k]) or the transpose of a row-major (K, R) one (true; at data[k * stride + r]). The layout
@@ -26,45 +34,48 @@ struct Left {
   Left rows_from(int64_t r) const { return {Transposed ? data + r : data + r * stride, stride}; }
 };
 
-// c (MR × 16·NR, rows of stride ldc) = (accumulate ? c : 0) + Σ_{k < depth} a(r, k) b[k, 0:16·NR], b's rows of
-// stride ldb
+// c (MR × L·NR, rows of stride ldc) = (accumulate ? c : 0) + Σ_{k < depth} a(r, k) b[k, 0:L·NR], b's rows of
+// stride ldb, L = kRegisterLanes
 template <int MR, int NR, bool Transposed>
 inline void tile_product(float* __restrict c, int64_t ldc, Left<Transposed> a, const float* __restrict b,
                          int64_t ldb, int64_t depth, bool accumulate) {
-  v16 acc[MR][NR];
+  constexpr int L = kRegisterLanes;
+  vreg acc[MR][NR];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc[r][j] = accumulate ? load<v16>(c + r * ldc + 16 * j) : v16{};
+    for (int j = 0; j < NR; ++j) acc[r][j] = accumulate ? load<vreg>(c + r * ldc + L * j) : vreg{};
   for (int64_t k = 0; k < depth; ++k) {
-    v16 bk[NR];
-    for (int j = 0; j < NR; ++j) bk[j] = load<v16>(b + k * ldb + 16 * j);
+    vreg bk[NR];
+    for (int j = 0; j < NR; ++j) bk[j] = load<vreg>(b + k * ldb + L * j);
     for (int r = 0; r < MR; ++r) {
       const float ar = a(r, k);
       for (int j = 0; j < NR; ++j) acc[r][j] += ar * bk[j];
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) store(c + r * ldc + 16 * j, acc[r][j]);
+    for (int j = 0; j < NR; ++j) store(c + r * ldc + L * j, acc[r][j]);
 }
 
-// c (rows × 16·NR) of the same
+// c (rows × L·NR) of the same
 template <int NR, bool Transposed>
 inline void column_panel(float* c, int64_t ldc, Left<Transposed> a, const float* b, int64_t ldb, int64_t rows,
                          int64_t depth, bool accumulate) {
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) tile_product<8, NR>(c + r * ldc, ldc, a.rows_from(r), b, ldb, depth, accumulate);
+  for (; r + kTileRows <= rows; r += kTileRows)
+    tile_product<kTileRows, NR>(c + r * ldc, ldc, a.rows_from(r), b, ldb, depth, accumulate);
   for (; r + 4 <= rows; r += 4) tile_product<4, NR>(c + r * ldc, ldc, a.rows_from(r), b, ldb, depth, accumulate);
   for (; r < rows; ++r) tile_product<1, NR>(c + r * ldc, ldc, a.rows_from(r), b, ldb, depth, accumulate);
 }
 
 // c (rows × columns) = (accumulate ? c : 0) + a (rows × depth) · b (depth × columns); columns a multiple of 16
-// NOTE: a panel of 32 columns at a time through all rows, so the panel of b (depth × 32) stays in L1 while the
-// rows pass: row blocks outermost re-read all of b per block (at D = 256, 2F = 1024 an expert's W_in is 1 MB)
+// NOTE: a panel of a tile's columns at a time through all rows, so the panel of b stays in L1 while the rows
+// pass: row blocks outermost re-read all of b per block (at D = 256, 2F = 1024 an expert's W_in is 1 MB)
 template <bool Transposed>
 inline void block_product(float* c, int64_t ldc, Left<Transposed> a, const float* b, int64_t ldb, int64_t rows,
                           int64_t depth, int64_t columns, bool accumulate) {
   int64_t j = 0;
-  for (; j + 32 <= columns; j += 32) column_panel<2>(c + j, ldc, a, b + j, ldb, rows, depth, accumulate);
-  if (j < columns) column_panel<1>(c + j, ldc, a, b + j, ldb, rows, depth, accumulate);
+  for (; j + kTileColumns <= columns; j += kTileColumns)
+    column_panel<2>(c + j, ldc, a, b + j, ldb, rows, depth, accumulate);
+  for (; j < columns; j += kRegisterLanes) column_panel<1>(c + j, ldc, a, b + j, ldb, rows, depth, accumulate);
 }
 
 constexpr int64_t kDepthPerPass = 256;  // rows of a and b per pass of the tiles, so both stay in L2

@@ -12,8 +12,8 @@
 //           X[j] = Σ_i coef[i, j] H[i]                 j < m
 //   write:  H⁺[j] = Σ_i coef[i, m + j] H[i] + Σ_l coef[j, m + n + l] Z[l]
 //
-// Tokens are taken sixteen at a time, one per vector lane, as "lane matrices" (every element a vector of the
-// sixteen tokens' values): the state arrives in that layout (lane tiles, made by to_tiles), the sublayer's x
+// Tokens are taken a vector register's lanes at a time (16 on AVX-512, 8 on AVX2), one per lane, as "lane
+// matrices" (every element a vector of those tokens' values): the state arrives in that layout (lane tiles, made by to_tiles), the sublayer's x
 // and z are transposed per tile, and all of the maths, the coefficients' reductions over d included, becomes
 // products of lane matrices without a horizontal sum. Nothing of size (T, n, k) is stored: a tile's
 // coefficients are recomputed in cache by the backward. Parameter gradients are summed per thread and per
@@ -45,9 +45,9 @@ namespace {
 using at::Tensor;
 using vwn::load;
 using vwn::store;
-using vwn::v16;
+using vwn::vreg;
 
-constexpr int64_t kLanes = 16;  // tokens per tile
+constexpr int64_t kLanes = vwn::kRegisterLanes;  // tokens per tile
 constexpr int64_t kGrainTiles = 4;
 
 void check_input(const Tensor& t, const char* name, int64_t dim) {
@@ -58,57 +58,52 @@ void check_input(const Tensor& t, const char* name, int64_t dim) {
 
 // ---- tiles: token-major rows <-> lane matrices ----
 
-// One stage of the 16 x 16 transpose on rows (x, y) = (i, i + B), i without bit B: the element in column c
+// One stage of the kLanes x kLanes transpose on rows (x, y) = (i, i + B), i without bit B: the element in column c
 // moves to the other row when bit B of c differs from the row's, which swaps bit B of row and column indices.
 template <int B, std::size_t... C>
-inline void exchange(v16& x, v16& y, std::index_sequence<C...>) {
-  const v16 low = __builtin_shufflevector(x, y, ((C & B) ? 16 + C - B : C)...);
-  const v16 high = __builtin_shufflevector(x, y, ((C & B) ? 16 + C : C + B)...);
+inline void exchange(vreg& x, vreg& y, std::index_sequence<C...>) {
+  const vreg low = __builtin_shufflevector(x, y, ((C & B) ? kLanes + C - B : C)...);
+  const vreg high = __builtin_shufflevector(x, y, ((C & B) ? kLanes + C : C + B)...);
   x = low;
   y = high;
 }
 
-template <int B>
-inline void exchange_stage(v16* rows) {
-  for (int i = 0; i < 16; ++i)
-    if (!(i & B)) exchange<B>(rows[i], rows[i + B], std::make_index_sequence<16>{});
+// the stages B = kLanes / 2, ..., 2, 1
+template <int B = kLanes / 2>
+inline void transpose(vreg* rows) {
+  for (int i = 0; i < kLanes; ++i)
+    if (!(i & B)) exchange<B>(rows[i], rows[i + B], std::make_index_sequence<kLanes>{});
+  if constexpr (B > 1) transpose<B / 2>(rows);
 }
 
-inline void transpose16(v16* rows) {
-  exchange_stage<8>(rows);
-  exchange_stage<4>(rows);
-  exchange_stage<2>(rows);
-  exchange_stage<1>(rows);
-}
-
-// `count` ≤ 16 tokens' rows (row l at src + l · stride, `width` floats each) -> lanes[f][l] = row l's float f;
+// `count` ≤ kLanes tokens' rows (row l at src + l · stride, `width` floats each) -> lanes[f][l] = row l's float f;
 // lanes of missing tokens are zero (a zero state and gradient add nothing to the parameter gradients).
-void to_lanes(const float* src, int64_t stride, int64_t count, int64_t width, v16* lanes) {
+void to_lanes(const float* src, int64_t stride, int64_t count, int64_t width, vreg* lanes) {
   int64_t f0 = 0;
   if (count == kLanes) {
-    for (; f0 + 16 <= width; f0 += 16) {
-      v16 rows[16];
-      for (int l = 0; l < 16; ++l) rows[l] = load<v16>(src + l * stride + f0);
-      transpose16(rows);
-      for (int c = 0; c < 16; ++c) lanes[f0 + c] = rows[c];
+    for (; f0 + kLanes <= width; f0 += kLanes) {
+      vreg rows[kLanes];
+      for (int l = 0; l < kLanes; ++l) rows[l] = load<vreg>(src + l * stride + f0);
+      transpose(rows);
+      for (int c = 0; c < kLanes; ++c) lanes[f0 + c] = rows[c];
     }
   }
   for (int64_t f = f0; f < width; ++f) {
-    v16 v{};
+    vreg v{};
     for (int64_t l = 0; l < count; ++l) v[l] = src[l * stride + f];
     lanes[f] = v;
   }
 }
 
 // lanes[f][l] -> float f of the row of token l < count (at dst + l · stride), f < width
-void from_lanes(const v16* lanes, int64_t width, int64_t count, float* dst, int64_t stride) {
+void from_lanes(const vreg* lanes, int64_t width, int64_t count, float* dst, int64_t stride) {
   int64_t f0 = 0;
   if (count == kLanes) {
-    for (; f0 + 16 <= width; f0 += 16) {
-      v16 rows[16];
-      for (int c = 0; c < 16; ++c) rows[c] = lanes[f0 + c];
-      transpose16(rows);
-      for (int l = 0; l < 16; ++l) store(dst + l * stride + f0, rows[l]);
+    for (; f0 + kLanes <= width; f0 += kLanes) {
+      vreg rows[kLanes];
+      for (int c = 0; c < kLanes; ++c) rows[c] = lanes[f0 + c];
+      transpose(rows);
+      for (int l = 0; l < kLanes; ++l) store(dst + l * stride + f0, rows[l]);
     }
   }
   for (int64_t f = f0; f < width; ++f)
@@ -124,28 +119,28 @@ struct Strided {
   int64_t row, column;
   V& operator()(int64_t a, int64_t b) const { return p[a * row + b * column]; }
 };
-using Lanes = Strided<v16>;
-using ConstLanes = Strided<const v16>;
+using Lanes = Strided<vreg>;
+using ConstLanes = Strided<const vreg>;
 
-inline v16 broadcast(float x) { return v16{} + x; }
+inline vreg broadcast(float x) { return vreg{} + x; }
 
-// A strided matrix of floats, each element given to all sixteen lanes: the parameters, alike for every token,
-// held as floats rather than as broadcast vectors, so a tile's products keep 16x less of them in cache.
+// A strided matrix of floats, each element given to all lanes: the parameters, alike for every token, held as
+// floats rather than as broadcast vectors, so a tile's products keep kLanes times less of them in cache.
 struct Broadcast {
   const float* p;
   int64_t row, column;
-  v16 operator()(int64_t a, int64_t b) const { return broadcast(p[a * row + b * column]); }
+  vreg operator()(int64_t a, int64_t b) const { return broadcast(p[a * row + b * column]); }
 };
 
 // C[a0 : a0 + RA, b0 : b0 + RB] (+)= Σ_r A(a, r) ∘ B(r, b), lane by lane, the block's sums in registers
 template <int RA, int RB, typename B>
 __attribute__((always_inline)) inline void product_block(Lanes c, ConstLanes a, B b, int64_t a0,
                                                          int64_t b0, int64_t depth, bool accumulate) {
-  v16 sum[RA][RB];
+  vreg sum[RA][RB];
   for (int i = 0; i < RA; ++i)
-    for (int j = 0; j < RB; ++j) sum[i][j] = accumulate ? c(a0 + i, b0 + j) : v16{};
+    for (int j = 0; j < RB; ++j) sum[i][j] = accumulate ? c(a0 + i, b0 + j) : vreg{};
   for (int64_t r = 0; r < depth; ++r) {
-    v16 left[RA], right[RB];
+    vreg left[RA], right[RB];
     for (int i = 0; i < RA; ++i) left[i] = a(a0 + i, r);
     for (int j = 0; j < RB; ++j) right[j] = b(r, b0 + j);
     for (int i = 0; i < RA; ++i)
@@ -155,7 +150,12 @@ __attribute__((always_inline)) inline void product_block(Lanes c, ConstLanes a, 
     for (int j = 0; j < RB; ++j) c(a0 + i, b0 + j) = sum[i][j];
 }
 
-constexpr int kBlock = 4;  // blocks of up to 4 x 4 sums, 4 + 4 operands: 24 of the 32 AVX-512 registers
+// blocks of up to 4 x 4 sums, 4 + 4 operands: 24 of AVX-512's 32 registers; on AVX2 3 x 3 and 3 + 3, 15 of its 16
+#ifdef __AVX512F__
+constexpr int kBlock = 4;
+#else
+constexpr int kBlock = 3;
+#endif
 
 // Rows [a0, a0 + RA) of C, all columns, a block of 4 at a time
 // NOTE: one call per row block, not per block: with n = 3 most products are 3 x d with a depth of 3 to 5, and
@@ -184,13 +184,13 @@ void product(Lanes c, ConstLanes a, B b, int64_t rows, int64_t cols, int64_t dep
 }
 
 // A row-major (rows × cols) lane matrix, as a product's operand or its transpose, or as its result
-ConstLanes matrix(const v16* p, int64_t cols) { return {p, cols, 1}; }
-ConstLanes transposed(const v16* p, int64_t cols) { return {p, 1, cols}; }
-Lanes result(v16* p, int64_t cols) { return {p, cols, 1}; }
+ConstLanes matrix(const vreg* p, int64_t cols) { return {p, cols, 1}; }
+ConstLanes transposed(const vreg* p, int64_t cols) { return {p, 1, cols}; }
+Lanes result(vreg* p, int64_t cols) { return {p, cols, 1}; }
 Broadcast parameters(const float* p, int64_t cols) { return {p, cols, 1}; }
 Broadcast parameters_transposed(const float* p, int64_t cols) { return {p, 1, cols}; }
 
-// Element `lanes_offset` of per-thread lane-matrix sums (ThreadRows of v16), summed over the threads and the lanes
+// Element `lanes_offset` of per-thread lane-matrix sums (ThreadRows of vreg), summed over the threads and the lanes
 float lane_total(const vwn::ThreadRows& sums, int64_t lanes_offset) {
   float sum = 0.0f;
   for (int l = 0; l < kLanes; ++l) sum += sums.total(lanes_offset * kLanes + l);
@@ -201,14 +201,14 @@ float lane_total(const vwn::ThreadRows& sums, int64_t lanes_offset) {
 
 // rstd = 1 / √(mean square + eps) of `width` lane-matrix elements, per lane; 0 where the mean square is 0 (an empty
 // lane past the last token, with eps = 0: not inf and NaNs)
-v16 lanes_rstd(const v16* x, int64_t width, float eps) {
-  v16 squares[4] = {};  // four sums in flight: one would wait on the last FMA at every step
+vreg lanes_rstd(const vreg* x, int64_t width, float eps) {
+  vreg squares[4] = {};  // four sums in flight: one would wait on the last FMA at every step
   int64_t f = 0;
   for (; f + 4 <= width; f += 4)
     for (int j = 0; j < 4; ++j) squares[j] += x[f + j] * x[f + j];
   for (; f < width; ++f) squares[0] += x[f] * x[f];
-  const v16 mean_square = ((squares[0] + squares[1]) + (squares[2] + squares[3])) / static_cast<float>(width) + eps;
-  v16 rstd;
+  const vreg mean_square = ((squares[0] + squares[1]) + (squares[2] + squares[3])) / static_cast<float>(width) + eps;
+  vreg rstd;
   float* lanes = reinterpret_cast<float*>(&rstd);
 #pragma omp simd
   for (int l = 0; l < kLanes; ++l) lanes[l] = mean_square[l] > 0.0f ? 1.0f / std::sqrt(mean_square[l]) : 0.0f;
@@ -218,7 +218,7 @@ v16 lanes_rstd(const v16* x, int64_t width, float eps) {
 
 // A tile's coefficients of the column range (n × width lane matrices), and what their backward needs.
 struct Coefficients {
-  std::vector<v16> rstd, pre, act, coef;  // per slot; rstd · H W, tanh of it, static + scale ∘ tanh
+  std::vector<vreg> rstd, pre, act, coef;  // per slot; rstd · H W, tanh of it, static + scale ∘ tanh
   Coefficients(int64_t n, int64_t width) : rstd(n), pre(n * width), act(n * width), coef(n * width) {}
 };
 
@@ -283,7 +283,7 @@ class Mixing {
   }
 
   // A tile's state h (n × d lanes) -> its coefficients
-  void forward(const v16* h, Coefficients& c) const {
+  void forward(const vreg* h, Coefficients& c) const {
     if (!dynamic) {
       for (int64_t e = 0; e < n * width; ++e) c.coef[e] = broadcast(static_[e]);
       return;
@@ -303,18 +303,18 @@ class Mixing {
   // grad_h (n × d lanes) and to this thread's parameter sums.
   //   g_pre = g ∘ scale ∘ (1 - tanh²),  g_HW = rstd · g_pre,  g_rstd · rstd³ = rstd² Σ_q g_pre ∘ pre
   //   g_H = g_HW Wᵀ - g_rstd · rstd³ / d · H,   g_W += Hᵀ g_HW
-  void backward(const v16* h, const Coefficients& c, v16* g, v16* grad_h, v16* sums) const {
-    v16* sum_static = sums;
+  void backward(const vreg* h, const Coefficients& c, vreg* g, vreg* grad_h, vreg* sums) const {
+    vreg* sum_static = sums;
     for (int64_t e = 0; e < n * width; ++e) sum_static[e] += g[e];
     if (!dynamic) return;
-    v16* sum_scale = sums + n * width;
-    v16* sum_proj = sums + 2 * n * width;
+    vreg* sum_scale = sums + n * width;
+    vreg* sum_proj = sums + 2 * n * width;
     for (int64_t i = 0; i < n; ++i) {
-      v16 rstd_term{};  // g_rstd · rstd³ / d
+      vreg rstd_term{};  // g_rstd · rstd³ / d
       for (int64_t q = 0; q < width; ++q) {
         const int64_t e = i * width + q;
         sum_scale[e] += g[e] * c.act[e];
-        const v16 g_pre = g[e] * scale_[e] * (1.0f - c.act[e] * c.act[e]);
+        const vreg g_pre = g[e] * scale_[e] * (1.0f - c.act[e] * c.act[e]);
         rstd_term += g_pre * c.pre[e];
         g[e] = g_pre * c.rstd[i];  // g_HW from here on
       }
@@ -374,12 +374,12 @@ class Mixing {
 // A thread's buffers for its tiles: the coefficients of each GHC an op computes, and lane matrices of the given sizes.
 struct TileWork {
   std::vector<Coefficients> coefficients;
-  std::vector<std::vector<v16>> buffers;
+  std::vector<std::vector<vreg>> buffers;
   TileWork(std::initializer_list<const Mixing*> mixings, std::initializer_list<int64_t> sizes) {
     for (const Mixing* mixing : mixings) coefficients.emplace_back(mixing->n, mixing->width);
     for (const int64_t size : sizes) buffers.emplace_back(size);
   }
-  v16* operator[](std::size_t i) { return buffers[i].data(); }
+  vreg* operator[](std::size_t i) { return buffers[i].data(); }
 };
 
 // The tiles over the threads: body(work, tile, first token, token count) for each, `work` a TileWork of the
@@ -397,29 +397,29 @@ void for_each_tile(int64_t tiles, int64_t tokens, std::initializer_list<const Mi
 }
 
 vwn::ThreadRows parameter_sums(const Mixing& mixing) { return vwn::ThreadRows(mixing.sum_lanes() * kLanes); }
-v16* thread_sums(vwn::ThreadRows& sums) { return reinterpret_cast<v16*>(sums.row()); }
+vreg* thread_sums(vwn::ThreadRows& sums) { return reinterpret_cast<vreg*>(sums.row()); }
 
-// The GHC state arrives and leaves as lane tiles, (tiles, n, d, 16): tile t holds tokens 16t .. 16t + 15, lane l
-// token 16t + l, zeros past the last token; only the sublayer's x and z are token-major. Transposing the state
+// The GHC state arrives and leaves as lane tiles, (tiles, n, d, L), L = kLanes: tile t holds tokens Lt .. Lt + L - 1,
+// lane l token Lt + l, zeros past the last token; only the sublayer's x and z are token-major. Transposing the state
 // in and out of every op took 40-50 % of the ops' time at (2, 3) and (2, 16).
-// The ops load whole tiles, so they take t as it is if contiguous and on a 64-byte boundary (every tensor torch's
+// The ops load whole tiles, so they take t as it is if contiguous and on a vector's boundary (every tensor torch's
 // CPU allocator makes), else a copy that is (a view at an offset, which autograd or inductor may hand over).
 Tensor as_tiles(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(3) == kLanes,
-              "vwn_ghc: ", name, " must be float32 CPU lane tiles (tiles, n, d, 16), got ", t.sizes(), " ",
+              "vwn_ghc: ", name, " must be float32 CPU lane tiles (tiles, n, d, ", kLanes, "), got ", t.sizes(), " ",
               t.scalar_type(), " on ", t.device());
-  const bool aligned = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % sizeof(v16) == 0;
+  const bool aligned = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % sizeof(vreg) == 0;
   return t.is_contiguous() && aligned ? t : at::empty(t.sizes(), t.options()).copy_(t);
 }
 
-const v16* tile_of(const Tensor& tiles, int64_t tile) {
-  return reinterpret_cast<const v16*>(tiles.data_ptr<float>()) + tile * tiles.size(1) * tiles.size(2);
+const vreg* tile_of(const Tensor& tiles, int64_t tile) {
+  return reinterpret_cast<const vreg*>(tiles.data_ptr<float>()) + tile * tiles.size(1) * tiles.size(2);
 }
-v16* tile_of(Tensor& tiles, int64_t tile) {
-  return reinterpret_cast<v16*>(tiles.data_ptr<float>()) + tile * tiles.size(1) * tiles.size(2);
+vreg* tile_of(Tensor& tiles, int64_t tile) {
+  return reinterpret_cast<vreg*>(tiles.data_ptr<float>()) + tile * tiles.size(1) * tiles.size(2);
 }
 
-// x (T, n, d) -> lane tiles (ceil(T / 16), n, d, 16)
+// x (T, n, d) -> lane tiles (ceil(T / kLanes), n, d, kLanes)
 Tensor to_tiles(const Tensor& x) {
   check_input(x, "x", 3);
   const int64_t tokens = x.size(0), width = x.size(1) * x.size(2);
@@ -432,7 +432,7 @@ Tensor to_tiles(const Tensor& x) {
   return tiles;
 }
 
-// lane tiles (tiles, n, d, 16) -> x (T, n, d), the first T tokens
+// lane tiles (tiles, n, d, kLanes) -> x (T, n, d), the first T tokens
 Tensor from_tiles(const Tensor& tiles_arg, int64_t tokens) {
   const Tensor tiles = as_tiles(tiles_arg, "tiles");
   TORCH_CHECK(0 <= tokens && tokens <= tiles.size(0) * kLanes, "vwn_ghc: ", tokens, " tokens in ", tiles.size(0),
@@ -451,7 +451,7 @@ Tensor from_tiles(const Tensor& tiles_arg, int64_t tokens) {
 // ---- one tile of a read or a write, forward and backward; c holds the tile's coefficients, computed here ----
 
 // state h (n × d) -> x (m × d), X[j] = Σ_i Å[i, j] H[i]
-void read_tile(const Mixing& mixing, const v16* h, Coefficients& c, v16* x) {
+void read_tile(const Mixing& mixing, const vreg* h, Coefficients& c, vreg* x) {
   mixing.forward(h, c);
   product(result(x, mixing.d), transposed(c.coef.data(), mixing.m), matrix(h, mixing.d), mixing.m, mixing.d, mixing.n,
           false);
@@ -459,8 +459,8 @@ void read_tile(const Mixing& mixing, const v16* h, Coefficients& c, v16* x) {
 
 // gradient gx (m × d) of x -> the state's gradient grad_h (n × d), written, or added with `accumulate`, and the
 // parameters' into this thread's sums; g_coef: n × m lanes of scratch
-void read_tile_backward(const Mixing& mixing, const v16* h, const v16* gx, Coefficients& c, v16* g_coef, v16* grad_h,
-                        bool accumulate, v16* sums) {
+void read_tile_backward(const Mixing& mixing, const vreg* h, const vreg* gx, Coefficients& c, vreg* g_coef, vreg* grad_h,
+                        bool accumulate, vreg* sums) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m;
   mixing.forward(h, c);
   product(result(g_coef, m), matrix(h, d), transposed(gx, d), n, m, d, false);               // <H[i], G_X[j]>
@@ -469,21 +469,21 @@ void read_tile_backward(const Mixing& mixing, const v16* h, const v16* gx, Coeff
 }
 
 // state h (n × d), z (m × d) -> new state out (n × d), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
-void write_tile(const Mixing& mixing, const v16* h, const v16* z, Coefficients& c, v16* out) {
+void write_tile(const Mixing& mixing, const vreg* h, const vreg* z, Coefficients& c, vreg* out) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
   mixing.forward(h, c);
-  const v16* coef = c.coef.data();
+  const vreg* coef = c.coef.data();
   product(result(out, d), transposed(coef, width), matrix(h, d), n, d, n, false);  // Σ_i Â[i, j] H[i]
   product(result(out, d), matrix(coef + n, width), matrix(z, d), n, d, m, true);   // + Σ_l Bᵀ[j, l] Z[l]
 }
 
 // gradient g (n × d) of the new state -> gradients of h (n × d) and z (m × d), and the parameters' into this thread's
 // sums; g_coef: n × (n + m) lanes of scratch
-void write_tile_backward(const Mixing& mixing, const v16* h, const v16* z, const v16* g, Coefficients& c, v16* g_coef,
-                         v16* grad_h, v16* grad_z, v16* sums) {
+void write_tile_backward(const Mixing& mixing, const vreg* h, const vreg* z, const vreg* g, Coefficients& c, vreg* g_coef,
+                         vreg* grad_h, vreg* grad_z, vreg* sums) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
   mixing.forward(h, c);
-  const v16* coef = c.coef.data();
+  const vreg* coef = c.coef.data();
   product(result(g_coef, width), matrix(h, d), transposed(g, d), n, n, d, false);         // <H[i], G[j]>
   product(result(g_coef + n, width), matrix(g, d), transposed(z, d), n, m, d, false);      // <G[j], Z[l]>
   product(result(grad_h, d), matrix(coef, width), matrix(g, d), n, d, n, false);          // Σ_j Â[i, j] G[j]
@@ -602,7 +602,7 @@ std::tuple<Tensor, Tensor> write_read_forward(const Tensor& h_arg, const Tensor&
   const int64_t row = s.m * s.d;
   for_each_tile(s.tiles, s.tokens, {&write, &read}, {row, row},
                 [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
-    v16* out_tile = tile_of(out, tile);
+    vreg* out_tile = tile_of(out, tile);
     to_lanes(Z + t0 * row, row, count, row, work[0]);
     write_tile(write, tile_of(h, tile), work[0], work.coefficients[0], out_tile);
     read_tile(read, out_tile, work.coefficients[1], work[1]);
@@ -638,10 +638,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const int64_t n = s.n, d = s.d, row = s.m * s.d;
   for_each_tile(s.tiles, s.tokens, {&write, &read}, {row, row, row, n * d, n * write.width},
                 [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
-    v16 *zt = work[0], *gxt = work[1], *gzt = work[2], *g = work[3], *g_coef = work[4];
+    vreg *zt = work[0], *gxt = work[1], *gzt = work[2], *g = work[3], *g_coef = work[4];
     to_lanes(Z + t0 * row, row, count, row, zt);
     to_lanes(GX + t0 * row, row, count, row, gxt);
-    const v16* grad_out_tile = tile_of(grad_out, tile);
+    const vreg* grad_out_tile = tile_of(grad_out, tile);
     std::copy(grad_out_tile, grad_out_tile + n * d, g);
     read_tile_backward(read, tile_of(out, tile), gxt, work.coefficients[1], g_coef, g, true, thread_sums(read_sums));
     write_tile_backward(write, tile_of(h, tile), zt, g, work.coefficients[0], g_coef, tile_of(grad_h, tile), gzt,
@@ -692,13 +692,13 @@ std::tuple<Tensor, Tensor, Tensor> mtp_merge_forward(const Tensor& h, const Tens
   const float *GH = gamma_h.data_ptr<float>(), *GE = gamma_e.data_ptr<float>();
   float *RH = rstd_h.data_ptr<float>(), *RE = rstd_e.data_ptr<float>();
   at::parallel_for(0, s.tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
-    std::vector<v16> normed_h(width), normed_e(width);
+    std::vector<vreg> normed_h(width), normed_e(width);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kLanes, count = std::min(kLanes, s.tokens - t0);
       for (auto [src, gamma, normed, rstd_out] : {std::tuple{H, GH, normed_h.data(), RH},
                                                  std::tuple{E, GE, normed_e.data(), RE}}) {
         to_lanes(src + t0 * width, width, count, width, normed);
-        const v16 rstd = lanes_rstd(normed, width, static_cast<float>(eps));
+        const vreg rstd = lanes_rstd(normed, width, static_cast<float>(eps));
         for (int64_t f = 0; f < width; ++f) normed[f] *= rstd * gamma[f];
         for (int64_t l = 0; l < count; ++l) rstd_out[t0 + l] = rstd[l];
       }
@@ -730,29 +730,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tens
   const int64_t weight_lanes = 2 * d * d;
   vwn::ThreadRows sums((weight_lanes + 2 * width) * kLanes);
   at::parallel_for(0, s.tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
-    std::vector<v16> x(width), normed(width), grad_normed(width);
-    v16* sum = reinterpret_cast<v16*>(sums.row());
+    std::vector<vreg> x(width), normed(width), grad_normed(width);
+    vreg* sum = reinterpret_cast<vreg*>(sums.row());
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kLanes, count = std::min(kLanes, s.tokens - t0);
-      const v16* g = tile_of(grad, tile);
+      const vreg* g = tile_of(grad, tile);
       int64_t side = 0;
       for (auto [src, gamma, rstd_in, dst] : {std::tuple{H, GH, RH, DH}, std::tuple{E, GE, RE, DE}}) {
         to_lanes(src + t0 * width, width, count, width, x.data());
-        v16 rstd{};
+        vreg rstd{};
         for (int64_t l = 0; l < count; ++l) rstd[l] = rstd_in[t0 + l];
         for (int64_t f = 0; f < width; ++f) normed[f] = x[f] * rstd * gamma[f];
         // d Ĥ = G W_h (or W_e), and W's gradient Σ G[i]ᵀ Ĥ[i] into its half of the sums
         product(result(grad_normed.data(), d), matrix(g, d), Broadcast{W + side * d, 2 * d, 1}, n, d, d, false);
         product(Lanes{sum + side * d, 2 * d, 1}, transposed(g, d), matrix(normed.data(), d), d, d, n, true);
         // RMSNorm backward: u = d Ĥ ∘ γ;  d x = rstd · u − rstd³ / (n·d) · x · Σ u ∘ x;  d γ += d Ĥ ∘ x · rstd
-        v16* sum_gamma = sum + weight_lanes + side * width;
-        v16 dot{};
+        vreg* sum_gamma = sum + weight_lanes + side * width;
+        vreg dot{};
         for (int64_t f = 0; f < width; ++f) {
           sum_gamma[f] += grad_normed[f] * x[f] * rstd;
           grad_normed[f] *= gamma[f];
           dot += grad_normed[f] * x[f];
         }
-        const v16 correction = dot * rstd * rstd * rstd / static_cast<float>(width);
+        const vreg correction = dot * rstd * rstd * rstd / static_cast<float>(width);
         for (int64_t f = 0; f < width; ++f) x[f] = rstd * grad_normed[f] - correction * x[f];
         from_lanes(x.data(), width, count, dst + t0 * width, width);
         ++side;
@@ -774,6 +774,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tens
 }  // namespace
 
 TORCH_LIBRARY(vwn_ghc, lib) {
+  lib.def("lanes() -> int", [] { return kLanes; });  // tokens per lane tile, for harness/model/ghc_kernel.py
   lib.def("to_tiles(Tensor x) -> Tensor");
   lib.def("mtp_merge_forward(Tensor hidden, Tensor embed, Tensor gamma_h, Tensor gamma_e, Tensor weight, float eps)"
           " -> (Tensor, Tensor, Tensor)");

@@ -31,7 +31,8 @@ using at::Tensor;
 using vwn::Left;
 using vwn::load;
 using vwn::store;
-using vwn::v16;
+using vwn::vreg;
+constexpr int64_t kLanes = vwn::kRegisterLanes;  // floats per vector register
 
 constexpr int64_t kBlockRows = 64;
 
@@ -84,8 +85,8 @@ std::vector<Block> blocks_of(at::IntArrayRef ends) {
 // h (count, F) = silu(gate) ∘ up of pre (count, 2F)
 void gate_rows(float* __restrict h, const float* __restrict pre, int64_t count, int64_t hidden) {
   for (int64_t r = 0; r < count; ++r)
-    for (int64_t c = 0; c < hidden; c += 16) {
-      store(h + r * hidden + c, vwn::gated(load<v16>(pre + r * 2 * hidden + c), load<v16>(pre + r * 2 * hidden + hidden + c)));
+    for (int64_t c = 0; c < hidden; c += kLanes) {
+      store(h + r * hidden + c, vwn::gated(load<vreg>(pre + r * 2 * hidden + c), load<vreg>(pre + r * 2 * hidden + hidden + c)));
     }
 }
 
@@ -153,10 +154,10 @@ std::tuple<Tensor, Tensor, Tensor> swiglu_backward(const Tensor& grad_y, const T
         float* d_gate = DP + (b.first + r) * 2 * F;
         float* d_up = d_gate + F;
         float* hr = H + (b.first + r) * F;
-        for (int64_t c = 0; c < F; c += 16) {
-          const v16 g = load<v16>(gate + c), u = load<v16>(up + c);
-          v16 dg, du;
-          vwn::gated_gradient(g, u, load<v16>(dh.data() + r * F + c), dg, du);
+        for (int64_t c = 0; c < F; c += kLanes) {
+          const vreg g = load<vreg>(gate + c), u = load<vreg>(up + c);
+          vreg dg, du;
+          vwn::gated_gradient(g, u, load<vreg>(dh.data() + r * F + c), dg, du);
           store(hr + c, vwn::gated(g, u));
           store(d_gate + c, dg);
           store(d_up + c, du);

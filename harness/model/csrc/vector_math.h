@@ -16,8 +16,19 @@ typedef float v8 __attribute__((vector_size(32)));
 // count rounded up to whole eight-lane vectors
 inline int64_t whole_vectors(int64_t count) { return (count + 7) / 8 * 8; }
 
-// Sixteen lanes (one AVX-512 register, two AVX ones): the GHC kernels put one token in each lane.
+// Sixteen lanes (one AVX-512 register, two AVX ones).
 typedef float v16 __attribute__((vector_size(64)));
+
+// One vector register of floats: v16 on AVX-512, else v8.
+// NOTE: GCC holds a vector wider than the CPU's registers in memory and expands each operation on it piecewise
+// through the stack: on AVX2 (AMD EPYC Zen 3, 2026-12-02) the sixteen-lane register tiles of gemm_tiles.h ran at
+// 3 GFLOP/s, where MKL reached 100-114.
+#ifdef __AVX512F__
+typedef v16 vreg;
+#else
+typedef v8 vreg;
+#endif
+constexpr int kRegisterLanes = sizeof(vreg) / sizeof(float);
 
 // A vector V (v8 or v16) from p, and back; unaligned
 template <typename V>
