@@ -10,6 +10,7 @@ from harness.model import gemm
 
 AMD = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
 AMD_AVX2 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2\n"
+AMD_SSE = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse4_2\n"
 INTEL = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
 
 
@@ -27,9 +28,10 @@ def choice(monkeypatch):
     gemm.forget_choices()
 
 
-@pytest.mark.parametrize("cpuinfo, onednn", [(AMD, True), (AMD_AVX2, False), (INTEL, False), (None, False)],
-                         ids=["amd-avx512", "amd-avx2", "intel", "no-cpuinfo"])
-def test_auto_takes_onednn_on_non_intel_cpus_with_avx512(cpuinfo, onednn, tmp_path, monkeypatch, choice):
+@pytest.mark.parametrize("cpuinfo, onednn", [(AMD, True), (AMD_AVX2, True), (AMD_SSE, False), (INTEL, False),
+                                             (None, False)],
+                         ids=["amd-avx512", "amd-avx2", "amd-sse", "intel", "no-cpuinfo"])
+def test_auto_takes_onednn_on_non_intel_cpus_with_avx2(cpuinfo, onednn, tmp_path, monkeypatch, choice):
     path = tmp_path / "cpuinfo"
     if cpuinfo is not None:
         path.write_text(cpuinfo)

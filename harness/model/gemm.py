@@ -4,10 +4,13 @@ torch runs fp32 matmuls on CPU through MKL, whose sgemm takes its AVX-512 code o
 EPYC with AVX-512 (Zen 5, 2 cores, 2026-12-01) it runs its AVX2 code: a 4096² product at 189 GFLOP/s, where
 oneDNN, which torch also carries (`mkldnn::_linear_pointwise`, inductor's fused linear), reaches 396; the LM
 head's per-chunk products ((128, 64) × (64, 4096) and its two gradients) went from 166-182 to 315-413 GFLOP/s.
-MKL on Intel was measured well by this project before (238-314 GFLOP/s at 4096²), so the choice is by CPU vendor:
+On an AMD EPYC with AVX2 only (Zen 3, 2.45 GHz, 2026-12-02) the two libraries ran the model's linears alike
+(60-78 GFLOP/s), but oneDNN ran 4096² at 112-116 against 70-98 and the cross-entropy op in 45-49 ms against 65-69
+(the tiny step, alternated in one process, ×0.88 at r = 1, ×0.95 at (2,8)). MKL on Intel was measured well by this
+project before (238-314 GFLOP/s at 4096²), so the choice is by CPU vendor:
 
     VWN_CPU_GEMM = auto (default) | mkl | onednn
-    auto: oneDNN on x86-64 CPUs with AVX-512 that are not Intel's, where torch has it; MKL everywhere else
+    auto: oneDNN on x86-64 CPUs with AVX2 that are not Intel's, where torch has it; MKL everywhere else
 
 On oneDNN go the cross-entropy's products (inside its C++ op), every `Linear` / `linear`, forward and input
 gradient, and each MoE expert's SwiGLU products with a token row (`moe._OneDNNExperts`, where the fused SwiGLU
@@ -47,9 +50,9 @@ def _cpu() -> tuple[str, list[str]]:
     return vendor, flags
 
 
-def _cpu_is_non_intel_with_avx512() -> bool:
+def _cpu_is_non_intel_with_avx2() -> bool:
     vendor, flags = _cpu()
-    return vendor not in ("", "GenuineIntel") and "avx512f" in flags
+    return vendor not in ("", "GenuineIntel") and "avx2" in flags
 
 
 # NOTE: the choices are made once per process (the cached functions) and read through functions that
@@ -69,7 +72,7 @@ def _onednn_chosen() -> bool:
         if choice == "onednn":
             raise RuntimeError("VWN_CPU_GEMM=onednn: this torch build has no oneDNN (torch.backends.mkldnn)")
         return False
-    return choice == "onednn" or (choice == "auto" and _cpu_is_non_intel_with_avx512())
+    return choice == "onednn" or (choice == "auto" and _cpu_is_non_intel_with_avx2())
 
 
 @torch.compiler.assume_constant_result
