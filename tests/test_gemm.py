@@ -67,8 +67,8 @@ def test_onednn_linear_is_a_times_b_transposed_on_any_layout(layout):
     torch.testing.assert_close(gemm.onednn_linear(b, a), b @ a.T, rtol=1e-6, atol=1e-5)
 
 
-# K: no rows, one, fewer than the threads' split, several passes of 256 rows with a part; M: tiles of 8, 4 and 1
-# rows; N: one and two vectors of columns
+# K: no rows, one, fewer than the threads' split, several passes of 256 rows with a part; M: tiles of 8 (AVX-512) or 6
+# (AVX2), 4 and 1 rows; N: panels of one and two registers of columns (AVX-512; on AVX2 16 columns are one tile)
 @pytest.mark.parametrize("rows, m, n", [(0, 5, 16), (1, 3, 16), (7, 9, 48), (600, 13, 32), (2048, 64, 64),
                                         (1025, 4, 256)])
 def test_weight_grad_is_a_transposed_times_b_on_the_fused_kernel(rows, m, n):
