@@ -5,8 +5,9 @@ EPYC with AVX-512 (Zen 5, 2 cores, 2026-12-01) it runs its AVX2 code: a 4096² p
 oneDNN, which torch also carries (`mkldnn::_linear_pointwise`, inductor's fused linear), reaches 396; the LM
 head's per-chunk products ((128, 64) × (64, 4096) and its two gradients) went from 166-182 to 315-413 GFLOP/s.
 On an AMD EPYC with AVX2 only (Zen 3, 2.45 GHz, 2026-12-02) the two libraries ran the model's linears alike
-(60-78 GFLOP/s), but oneDNN ran 4096² at 112-116 against 70-98 and the cross-entropy op in 45-49 ms against 65-69
-(the tiny step, alternated in one process, ×0.88 at r = 1, ×0.95 at (2,8)). MKL on Intel was measured well by this
+(60-78 GFLOP/s) and 4096² within each other's noise (102-122 against 70-122 GFLOP/s over the day), but oneDNN
+ran the cross-entropy op in 45-49 ms against 65-69 (the tiny step, alternated in one process, ×0.88 at r = 1,
+×0.95 at (2,8)). MKL on Intel was measured well by this
 project before (238-314 GFLOP/s at 4096²), so the choice is by CPU vendor:
 
     VWN_CPU_GEMM = auto (default) | mkl | onednn

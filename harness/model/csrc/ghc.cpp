@@ -13,11 +13,11 @@
 //   write:  H⁺[j] = Σ_i coef[i, m + j] H[i] + Σ_l coef[j, m + n + l] Z[l]
 //
 // Tokens are taken a vector register's lanes at a time (16 on AVX-512, 8 on AVX2), one per lane, as "lane
-// matrices" (every element a vector of those tokens' values): the state arrives in that layout (lane tiles, made by to_tiles), the sublayer's x
-// and z are transposed per tile, and all of the maths, the coefficients' reductions over d included, becomes
-// products of lane matrices without a horizontal sum. Nothing of size (T, n, k) is stored: a tile's
-// coefficients are recomputed in cache by the backward. Parameter gradients are summed per thread and per
-// lane, then reduced.
+// matrices" (every element a vector of those tokens' values): the state arrives in that layout (lane tiles, made
+// by to_tiles), the sublayer's x and z are transposed per tile, and all of the maths, the coefficients' reductions
+// over d included, becomes products of lane matrices without a horizontal sum. Nothing of size (T, n, k) is
+// stored: a tile's coefficients are recomputed in cache by the backward. Parameter gradients are summed per
+// thread and per lane, then reduced.
 // NOTE: one token at a time, vectorised along d, the same four ops ran 2-2.5x slower at (2, 3) to (8, 64):
 // the reductions over d (rstd, H W, the coefficients' gradients <H_i, G_j>) were short dot products, each
 // ending in a horizontal sum, and with n = 3 the loops over slots left each FMA waiting on the last.
@@ -459,8 +459,8 @@ void read_tile(const Mixing& mixing, const vreg* h, Coefficients& c, vreg* x) {
 
 // gradient gx (m × d) of x -> the state's gradient grad_h (n × d), written, or added with `accumulate`, and the
 // parameters' into this thread's sums; g_coef: n × m lanes of scratch
-void read_tile_backward(const Mixing& mixing, const vreg* h, const vreg* gx, Coefficients& c, vreg* g_coef, vreg* grad_h,
-                        bool accumulate, vreg* sums) {
+void read_tile_backward(const Mixing& mixing, const vreg* h, const vreg* gx, Coefficients& c, vreg* g_coef,
+                        vreg* grad_h, bool accumulate, vreg* sums) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m;
   mixing.forward(h, c);
   product(result(g_coef, m), matrix(h, d), transposed(gx, d), n, m, d, false);               // <H[i], G_X[j]>
@@ -479,8 +479,8 @@ void write_tile(const Mixing& mixing, const vreg* h, const vreg* z, Coefficients
 
 // gradient g (n × d) of the new state -> gradients of h (n × d) and z (m × d), and the parameters' into this thread's
 // sums; g_coef: n × (n + m) lanes of scratch
-void write_tile_backward(const Mixing& mixing, const vreg* h, const vreg* z, const vreg* g, Coefficients& c, vreg* g_coef,
-                         vreg* grad_h, vreg* grad_z, vreg* sums) {
+void write_tile_backward(const Mixing& mixing, const vreg* h, const vreg* z, const vreg* g, Coefficients& c,
+                         vreg* g_coef, vreg* grad_h, vreg* grad_z, vreg* sums) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
   mixing.forward(h, c);
   const vreg* coef = c.coef.data();

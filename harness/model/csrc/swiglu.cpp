@@ -32,7 +32,6 @@ using vwn::Left;
 using vwn::load;
 using vwn::store;
 using vwn::vreg;
-constexpr int64_t kLanes = vwn::kRegisterLanes;  // floats per vector register
 
 constexpr int64_t kBlockRows = 64;
 
@@ -85,7 +84,7 @@ std::vector<Block> blocks_of(at::IntArrayRef ends) {
 // h (count, F) = silu(gate) ∘ up of pre (count, 2F)
 void gate_rows(float* __restrict h, const float* __restrict pre, int64_t count, int64_t hidden) {
   for (int64_t r = 0; r < count; ++r)
-    for (int64_t c = 0; c < hidden; c += kLanes) {
+    for (int64_t c = 0; c < hidden; c += vwn::kRegisterLanes) {
       store(h + r * hidden + c, vwn::gated(load<vreg>(pre + r * 2 * hidden + c), load<vreg>(pre + r * 2 * hidden + hidden + c)));
     }
 }
@@ -154,7 +153,7 @@ std::tuple<Tensor, Tensor, Tensor> swiglu_backward(const Tensor& grad_y, const T
         float* d_gate = DP + (b.first + r) * 2 * F;
         float* d_up = d_gate + F;
         float* hr = H + (b.first + r) * F;
-        for (int64_t c = 0; c < F; c += kLanes) {
+        for (int64_t c = 0; c < F; c += vwn::kRegisterLanes) {
           const vreg g = load<vreg>(gate + c), u = load<vreg>(up + c);
           vreg dg, du;
           vwn::gated_gradient(g, u, load<vreg>(dh.data() + r * F + c), dg, du);
