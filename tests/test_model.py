@@ -241,6 +241,24 @@ def test_factorized_embedding_and_tied_head_share_one_table():
     assert model.embed.expand.weight.shape == (8 * 16, TINY.d_model)
 
 
+@pytest.mark.parametrize("embedding", ["direct", "factorized"])
+def test_shifted_pair_equals_two_lookups_in_values_and_table_gradient(embedding):
+    embed = build(virtual_width=(2, 8), embedding=embedding).embed
+    window = tokens(batch=3, seq=17)
+    upstream = [torch.randn(3, 16, 8, 16) for _ in range(2)]
+    pair = embed.shifted_pair(window)
+    torch.autograd.backward(pair, upstream)
+    grads = [p.grad.clone() for p in embed.parameters()]
+    embed.zero_grad()
+    expected = embed(window[:, :-1]), embed(window[:, 1:])
+    torch.autograd.backward(expected, upstream)
+    for got, want in zip(pair, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    for got, p in zip(grads, embed.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad)
+    assert grads[0].count_nonzero() > 0
+
+
 # 150 rows: experts of a block of 64 rows and one more row, of several blocks and a part of one; an expert with
 # no rows
 FUSED_ENDS = {"ragged": [17, 82, 82, 150], "empty first": [0, 61, 130, 150], "one expert": [150]}
