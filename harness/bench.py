@@ -687,8 +687,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     configs = {name: reference_config(name) for name in names}
     if args.compile:
         # NOTE: dynamo keeps its compiled variants per code object, which all the models of this process share
-        # (the embedding alone is traced at two shapes per model, the window and the MTP's lookahead); past its
-        # limit of 8 it warned and ran the frame eager for the later widths
+        # (each model's widths and shapes trace its modules' forwards anew); past its limit of 8 it warned and ran
+        # the frame eager for the later widths
         models = len(configs) * len(pairs)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * models)
     rates = [matmul_flops_per_s()]

@@ -335,13 +335,15 @@ class LanguageModel(nn.Module):
         if targets is not None:
             next_token = targets[:, seq_len - 1]
         rope = self.rope(seq_len)
-        next_embed = None  # (B, T, n, d_b): the embedding of token t+1 at position t, for the MTP head
-        if self.mtp is not None and next_token is not None:
+        # embedded (B, T, n, d_b), and for the MTP head next_embed: the embedding of token t+1 at position t
+        next_embed = None
+        if self.mtp is None:
+            embedded = self.embed(tokens)
+        elif next_token is not None:
             embedded, next_embed = self.embed.shifted_pair(torch.cat([tokens, next_token[:, None]], dim=1))
         else:
-            embedded = self.embed(tokens)  # (B, T, n, d_b)
-            if self.mtp is not None:
-                next_embed = torch.cat([embedded[:, 1:], torch.zeros_like(embedded[:, :1])], dim=1)
+            embedded = self.embed(tokens)
+            next_embed = torch.cat([embedded[:, 1:], torch.zeros_like(embedded[:, :1])], dim=1)
         stats: list[RouterStats | None] = []
         # one stack across the blocks, so that each block's last write and the next block's first read go together
         stack = [pair for block in self.blocks for pair in block.stack(rope, stats)]
