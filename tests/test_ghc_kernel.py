@@ -210,7 +210,8 @@ def test_the_kernels_tanh_is_accurate_to_fp32_rounding():
     argument = limit * b * torch.sqrt(2.0 / (1.0 + b.square()))
     want = torch.tanh(argument)
     assert argument.abs().max() > 9.0  # saturation
-    assert (x - want).abs().max() < 2e-7  # torch's own fp32 tanh: 5e-8 here
-    small = argument.abs() < 0.1  # the Taylor branch, where relative error is what matters
+    assert (x - want).abs().max() < 3.2e-7  # its bound over all fp32 (scripts/fit_tanh.py); torch's tanh: 5e-8 here
+    assert x.abs().max() <= 1.0
+    small = argument.abs() < 0.1  # where relative error is what matters
     assert small.sum() > 1000
-    assert ((x - want)[small] / want[small]).abs().max() < 2e-7
+    assert ((x - want)[small] / want[small]).abs().max() < 3e-7  # the argument's fp32 rounding included
