@@ -132,20 +132,46 @@ struct Broadcast {
   vreg operator()(int64_t a, int64_t b) const { return broadcast(p[a * row + b * column]); }
 };
 
-// C[a0 : a0 + RA, b0 : b0 + RB] (+)= Σ_r A(a, r) ∘ B(r, b), lane by lane, the block's sums in registers
+// Terms of a sum of lane matrices that `products` computes a block of sums at a time, in registers:
+// a product A (rows × depth) · B (depth × cols), B lanes or broadcast floats, ...
+template <typename B>
+struct Product {
+  ConstLanes a;
+  B b;
+  int64_t depth;
+};
+
+// ... or the rows of X each scaled by an element of s (one vector per row), X[a, b] ∘ s[a].
+struct ScaledRows {
+  ConstLanes x;
+  const vreg* scale;
+};
+
 template <int RA, int RB, typename B>
-__attribute__((always_inline)) inline void product_block(Lanes c, ConstLanes a, B b, int64_t a0,
-                                                         int64_t b0, int64_t depth, bool accumulate) {
-  vreg sum[RA][RB];
-  for (int i = 0; i < RA; ++i)
-    for (int j = 0; j < RB; ++j) sum[i][j] = accumulate ? c(a0 + i, b0 + j) : vreg{};
-  for (int64_t r = 0; r < depth; ++r) {
+__attribute__((always_inline)) inline void add_to(vreg (&sum)[RA][RB], const Product<B>& t, int64_t a0, int64_t b0) {
+  for (int64_t r = 0; r < t.depth; ++r) {
     vreg left[RA], right[RB];
-    for (int i = 0; i < RA; ++i) left[i] = a(a0 + i, r);
-    for (int j = 0; j < RB; ++j) right[j] = b(r, b0 + j);
+    for (int i = 0; i < RA; ++i) left[i] = t.a(a0 + i, r);
+    for (int j = 0; j < RB; ++j) right[j] = t.b(r, b0 + j);
     for (int i = 0; i < RA; ++i)
       for (int j = 0; j < RB; ++j) sum[i][j] += left[i] * right[j];
   }
+}
+
+template <int RA, int RB>
+__attribute__((always_inline)) inline void add_to(vreg (&sum)[RA][RB], const ScaledRows& t, int64_t a0, int64_t b0) {
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) sum[i][j] += t.scale[a0 + i] * t.x(a0 + i, b0 + j);
+}
+
+// C[a0 : a0 + RA, b0 : b0 + RB] (+)= the terms' sum there, lane by lane
+template <int RA, int RB, typename... Terms>
+__attribute__((always_inline)) inline void sum_block(Lanes c, int64_t a0, int64_t b0, bool accumulate,
+                                                     const Terms&... terms) {
+  vreg sum[RA][RB];
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) sum[i][j] = accumulate ? c(a0 + i, b0 + j) : vreg{};
+  (add_to(sum, terms, a0, b0), ...);
   for (int i = 0; i < RA; ++i)
     for (int j = 0; j < RB; ++j) c(a0 + i, b0 + j) = sum[i][j];
 }
@@ -157,30 +183,38 @@ constexpr int kBlock = 4;
 constexpr int kBlock = 3;
 #endif
 
-// Rows [a0, a0 + RA) of C, all columns, a block of 4 at a time
+// Rows [a0, a0 + RA) of C, all columns, a block of kBlock at a time
 // NOTE: one call per row block, not per block: with n = 3 most products are 3 x d with a depth of 3 to 5, and
 // a call per 3 x 4 block (its set-up, spills and indirect jump) cost as much as the block's FMAs.
-template <int RA, typename B>
-void product_rows(Lanes c, ConstLanes a, B b, int64_t a0, int64_t cols, int64_t depth, bool accumulate) {
+template <int RA, typename... Terms>
+void sum_rows(Lanes c, int64_t a0, int64_t cols, bool accumulate, const Terms&... terms) {
   int64_t b0 = 0;
-  for (; b0 + kBlock <= cols; b0 += kBlock) product_block<RA, kBlock, B>(c, a, b, a0, b0, depth, accumulate);
+  for (; b0 + kBlock <= cols; b0 += kBlock) sum_block<RA, kBlock>(c, a0, b0, accumulate, terms...);
   switch (cols - b0) {
-    case 1: return product_block<RA, 1, B>(c, a, b, a0, b0, depth, accumulate);
-    case 2: return product_block<RA, 2, B>(c, a, b, a0, b0, depth, accumulate);
-    case 3: return product_block<RA, 3, B>(c, a, b, a0, b0, depth, accumulate);
+    case 1: return sum_block<RA, 1>(c, a0, b0, accumulate, terms...);
+    case 2: return sum_block<RA, 2>(c, a0, b0, accumulate, terms...);
+    case 3: return sum_block<RA, 3>(c, a0, b0, accumulate, terms...);
+  }
+}
+
+// C (rows × cols) (+)= the sum of the terms, lane by lane, in one pass over C
+// NOTE: a write's two products, or a state gradient's three terms, one product each, made two or three passes
+// over the (n × d) result, with the depth-m products (m = 2) spending more on C's loads and stores than on FMAs.
+template <typename... Terms>
+void sum_of(Lanes c, int64_t rows, int64_t cols, bool accumulate, const Terms&... terms) {
+  int64_t a0 = 0;
+  for (; a0 + kBlock <= rows; a0 += kBlock) sum_rows<kBlock>(c, a0, cols, accumulate, terms...);
+  switch (rows - a0) {
+    case 1: return sum_rows<1>(c, a0, cols, accumulate, terms...);
+    case 2: return sum_rows<2>(c, a0, cols, accumulate, terms...);
+    case 3: return sum_rows<3>(c, a0, cols, accumulate, terms...);
   }
 }
 
 // C (rows × cols) (+)= A (rows × depth) · B (depth × cols), lane by lane; B lanes or broadcast floats
 template <typename B>
 void product(Lanes c, ConstLanes a, B b, int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
-  int64_t a0 = 0;
-  for (; a0 + kBlock <= rows; a0 += kBlock) product_rows<kBlock, B>(c, a, b, a0, cols, depth, accumulate);
-  switch (rows - a0) {
-    case 1: return product_rows<1, B>(c, a, b, a0, cols, depth, accumulate);
-    case 2: return product_rows<2, B>(c, a, b, a0, cols, depth, accumulate);
-    case 3: return product_rows<3, B>(c, a, b, a0, cols, depth, accumulate);
-  }
+  sum_of(c, rows, cols, accumulate, Product<B>{a, b, depth});
 }
 
 // A row-major (rows × cols) lane matrix, as a product's operand or its transpose, or as its result
@@ -219,7 +253,8 @@ vreg lanes_rstd(const vreg* x, int64_t width, float eps) {
 // A tile's coefficients of the column range (n × width lane matrices), and what their backward needs.
 struct Coefficients {
   std::vector<vreg> rstd, pre, act, coef;  // per slot; rstd · H W, tanh of it, static + scale ∘ tanh
-  Coefficients(int64_t n, int64_t width) : rstd(n), pre(n * width), act(n * width), coef(n * width) {}
+  std::vector<vreg> norm_term;  // per slot, in the backward: −g_rstd · rstd³ / d, the norm's share of g_H over H
+  Coefficients(int64_t n, int64_t width) : rstd(n), pre(n * width), act(n * width), coef(n * width), norm_term(n) {}
 };
 
 // A GHC's parameters as its module holds them: A = [Å | Â] (n, m + n), B (m, n), and if dynamic W (d, k) and
@@ -299,30 +334,37 @@ class Mixing {
       }
   }
 
-  // The gradient g (n × width lanes, overwritten) of a tile's coefficients c -> adds to the state's gradient
-  // grad_h (n × d lanes) and to this thread's parameter sums.
+  // The gradient g (n × width lanes, overwritten by g_HW) of a tile's coefficients c -> this thread's sums of
+  // the static and scale parameters, and c.norm_term; `state_gradient` then takes g_HW on.
   //   g_pre = g ∘ scale ∘ (1 - tanh²),  g_HW = rstd · g_pre,  g_rstd · rstd³ = rstd² Σ_q g_pre ∘ pre
-  //   g_H = g_HW Wᵀ - g_rstd · rstd³ / d · H,   g_W += Hᵀ g_HW
-  void backward(const vreg* h, const Coefficients& c, vreg* g, vreg* grad_h, vreg* sums) const {
+  void coefficient_backward(Coefficients& c, vreg* g, vreg* sums) const {
     vreg* sum_static = sums;
     for (int64_t e = 0; e < n * width; ++e) sum_static[e] += g[e];
     if (!dynamic) return;
     vreg* sum_scale = sums + n * width;
-    vreg* sum_proj = sums + 2 * n * width;
     for (int64_t i = 0; i < n; ++i) {
-      vreg rstd_term{};  // g_rstd · rstd³ / d
+      vreg g_rstd{};
       for (int64_t q = 0; q < width; ++q) {
         const int64_t e = i * width + q;
         sum_scale[e] += g[e] * c.act[e];
         const vreg g_pre = g[e] * scale_[e] * (1.0f - c.act[e] * c.act[e]);
-        rstd_term += g_pre * c.pre[e];
-        g[e] = g_pre * c.rstd[i];  // g_HW from here on
+        g_rstd += g_pre * c.pre[e];
+        g[e] = g_pre * c.rstd[i];
       }
-      rstd_term *= c.rstd[i] * c.rstd[i] / static_cast<float>(d);
-      for (int64_t ch = 0; ch < d; ++ch) grad_h[i * d + ch] -= rstd_term * h[i * d + ch];
+      c.norm_term[i] = g_rstd * c.rstd[i] * c.rstd[i] * (-1.0f / static_cast<float>(d));
     }
-    product(result(grad_h, d), matrix(g, width), parameters_transposed(proj_.data(), width), n, d, width, true);
-    product(result(sum_proj, width), transposed(h, d), matrix(g, width), d, width, n, true);
+  }
+
+  // The state's gradient grad_h (n × d lanes) (+)= the terms (its other paths) + its path through the
+  // coefficients, g_HW Wᵀ + norm_term ∘ H, in one pass; W's sums += Hᵀ g_HW into this thread's sums.
+  template <typename... Terms>
+  void state_gradient(const vreg* h, const Coefficients& c, const vreg* g_hw, vreg* grad_h, bool accumulate,
+                      vreg* sums, const Terms&... terms) const {
+    if (!dynamic) return sum_of(result(grad_h, d), n, d, accumulate, terms...);
+    sum_of(result(grad_h, d), n, d, accumulate, terms...,
+           Product<Broadcast>{matrix(g_hw, width), parameters_transposed(proj_.data(), width), width},
+           ScaledRows{matrix(h, d), c.norm_term.data()});
+    product(result(sums + 2 * n * width, width), transposed(h, d), matrix(g_hw, width), d, width, n, true);
   }
 
   // Lanes of this thread's parameter sums: [static (n × width) | scale (n × width) | W (d × width)]
@@ -459,13 +501,17 @@ void read_tile(const Mixing& mixing, const vreg* h, Coefficients& c, vreg* x) {
 
 // gradient gx (m × d) of x -> the state's gradient grad_h (n × d), written, or added with `accumulate`, and the
 // parameters' into this thread's sums; g_coef: n × m lanes of scratch
+// NOTE: a write + read backward copies the gradient through the next write into grad_h and adds to it here;
+// adding it as one more term of state_gradient's pass instead ran that backward ×1.03 (slower) at (2, 16) and
+// (8, 64), against the copy, in two sittings.
 void read_tile_backward(const Mixing& mixing, const vreg* h, const vreg* gx, Coefficients& c, vreg* g_coef,
                         vreg* grad_h, bool accumulate, vreg* sums) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m;
   mixing.forward(h, c);
-  product(result(g_coef, m), matrix(h, d), transposed(gx, d), n, m, d, false);               // <H[i], G_X[j]>
-  product(result(grad_h, d), matrix(c.coef.data(), m), matrix(gx, d), n, d, m, accumulate);  // Σ_j Å[i, j] G_X[j]
-  mixing.backward(h, c, g_coef, grad_h, sums);
+  product(result(g_coef, m), matrix(h, d), transposed(gx, d), n, m, d, false);  // <H[i], G_X[j]>
+  mixing.coefficient_backward(c, g_coef, sums);
+  mixing.state_gradient(h, c, g_coef, grad_h, accumulate, sums,
+                        Product<ConstLanes>{matrix(c.coef.data(), m), matrix(gx, d), m});  // Σ_j Å[i, j] G_X[j]
 }
 
 // state h (n × d), z (m × d) -> new state out (n × d), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
@@ -473,8 +519,8 @@ void write_tile(const Mixing& mixing, const vreg* h, const vreg* z, Coefficients
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
   mixing.forward(h, c);
   const vreg* coef = c.coef.data();
-  product(result(out, d), transposed(coef, width), matrix(h, d), n, d, n, false);  // Σ_i Â[i, j] H[i]
-  product(result(out, d), matrix(coef + n, width), matrix(z, d), n, d, m, true);   // + Σ_l Bᵀ[j, l] Z[l]
+  sum_of(result(out, d), n, d, false, Product<ConstLanes>{transposed(coef, width), matrix(h, d), n},  // Σ_i Â[i, j] H[i]
+         Product<ConstLanes>{matrix(coef + n, width), matrix(z, d), m});                           // + Σ_l Bᵀ[j, l] Z[l]
 }
 
 // gradient g (n × d) of the new state -> gradients of h (n × d) and z (m × d), and the parameters' into this thread's
@@ -486,9 +532,10 @@ void write_tile_backward(const Mixing& mixing, const vreg* h, const vreg* z, con
   const vreg* coef = c.coef.data();
   product(result(g_coef, width), matrix(h, d), transposed(g, d), n, n, d, false);         // <H[i], G[j]>
   product(result(g_coef + n, width), matrix(g, d), transposed(z, d), n, m, d, false);      // <G[j], Z[l]>
-  product(result(grad_h, d), matrix(coef, width), matrix(g, d), n, d, n, false);          // Σ_j Â[i, j] G[j]
   product(result(grad_z, d), transposed(coef + n, width), matrix(g, d), m, d, n, false);  // Σ_j Bᵀ[j, l] G[j]
-  mixing.backward(h, c, g_coef, grad_h, sums);
+  mixing.coefficient_backward(c, g_coef, sums);
+  mixing.state_gradient(h, c, g_coef, grad_h, false, sums,
+                        Product<ConstLanes>{matrix(coef, width), matrix(g, d), n});  // Σ_j Â[i, j] G[j]
 }
 
 // ---- the ops ----
@@ -702,9 +749,9 @@ std::tuple<Tensor, Tensor, Tensor> mtp_merge_forward(const Tensor& h, const Tens
         for (int64_t f = 0; f < width; ++f) normed[f] *= rstd * gamma[f];
         for (int64_t l = 0; l < count; ++l) rstd_out[t0 + l] = rstd[l];
       }
-      const Lanes out = result(tile_of(tiles, tile), d);
-      product(out, matrix(normed_h.data(), d), Broadcast{W, 1, 2 * d}, n, d, d, false);      // Ĥ[i] W_hᵀ
-      product(out, matrix(normed_e.data(), d), Broadcast{W + d, 1, 2 * d}, n, d, d, true);   // + Ê[i] W_eᵀ
+      sum_of(result(tile_of(tiles, tile), d), n, d, false,
+             Product<Broadcast>{matrix(normed_h.data(), d), Broadcast{W, 1, 2 * d}, d},       // Ĥ[i] W_hᵀ
+             Product<Broadcast>{matrix(normed_e.data(), d), Broadcast{W + d, 1, 2 * d}, d});  // + Ê[i] W_eᵀ
     }
   });
   return {tiles, rstd_h, rstd_e};
