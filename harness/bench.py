@@ -76,7 +76,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.y
 WIDTH_FACTORS = (1.0, 1.5, 2.0, 4.0, 8.0)
 COMPONENTS = ("attention", "moe", "ghc", "embed_head", "mtp", "optimizer", "other")
 BACKWARD_NODE = "autograd::engine::evaluate_function"
-TILE_CONVERSIONS = ("_ToTiles", "_FromTiles")  # ghc_kernel's autograd functions, as the profiler names them
+TILE_CONVERSIONS = ("vwn_ghc::tile", "vwn_ghc::untile")  # the state to and from lane tiles (ghc_kernel)
 GHC_METHODS = ("read", "write", "write_then_read")  # called between the sublayers, not through forward
 
 # training_step logs through self.log, which has nothing to log to outside a Trainer

@@ -92,6 +92,29 @@ def test_a_stack_of_fused_writes_and_reads_matches_the_reference_path_in_float64
         assert error < 2e-5, f"{name}: relative error {error:.2e}"
 
 
+def test_the_fused_ops_run_without_autograd_as_with_it():
+    """Under torch.inference_mode (Lightning's validation), where dispatch skips the ops' autograd, and no_grad: the
+    values of a call that records the graph, and nothing recorded."""
+    connections = [perturbed_connection(2, 3, True, 0.3) for _ in range(3)]
+    config = ModelConfig(vocab_size=64, d_model=D_MODEL, n_layers=1, n_heads=2, seq_len=50, virtual_width=(2, 3),
+                         mtp=True)
+    merge = MultiTokenPredictor(config)
+    h, embed = torch.randn(2, 3, 50, 3, D_MODEL // 2)
+    stack = [(connection, torch.tanh) for connection in connections]
+
+    def state_through_everything():
+        state = run_stack(tile_state(h), stack)
+        return untile_state(run_stack(merge.merged(untile_state(state), embed), stack))
+
+    recorded = state_through_everything()
+    assert recorded.requires_grad
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            unrecorded = state_through_everything()
+        assert not unrecorded.requires_grad
+        torch.testing.assert_close(unrecorded, recorded.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("m,n", [(2, 3), (1, 4), (2, 16), (8, 64)])
 def test_fused_mtp_merge_matches_the_reference_path_in_float64(m, n):
     """The MTP module's norms and merge straight into lane tiles: values and every gradient."""

@@ -1,6 +1,7 @@
 """The fused CPU kernels (fp32) of `csrc/`, built on first use into one extension.
 
-- `csrc/ghc.cpp`: the GHC read and write, forward and backward (ops `vwn_ghc::*`, wrapped by `ghc_kernel`);
+- `csrc/ghc.cpp`: the GHC read and write, forward and backward (ops `vwn_ghc::*`), and `csrc/ghc_autograd.cpp`
+  their autograd (the ops `ghc_kernel` calls);
 - `csrc/cross_entropy.cpp`: the chunked LM-head cross-entropy with its gradients (`vwn_ce::*`, used by `loss`);
 - `csrc/rms_norm.cpp`: RMSNorm forward and backward (`vwn_norm::*`, used by `norm`);
 - `csrc/gated_silu.cpp`: the SwiGLU gate silu(gate) ∘ up, forward and backward (`vwn_ffn::*`, used by `moe`);

@@ -1,4 +1,4 @@
-"""Autograd functions around the fused CPU GHC kernels (`csrc/ghc.cpp`, built by `cpu_kernels`).
+"""The fused CPU GHC kernels (`csrc/ghc.cpp`, with autograd from `csrc/ghc_autograd.cpp`, built by `cpu_kernels`).
 
 The kernels keep the GHC state in lane tiles (`LaneTiles`): one token per lane of the CPU's vector registers
 (16 on AVX-512, 8 on AVX2; `lanes()`), so that no op transposes the state; `to_tiles` and `from_tiles` convert
@@ -102,101 +102,19 @@ def _register_fake_kernels() -> None:
 cpu_kernels.on_build(_register_fake_kernels)
 
 
-def _projection_gradients(proj: torch.Tensor | None, grad_proj: torch.Tensor, grad_scale: torch.Tensor) -> tuple:
-    """A static GHC (proj None) has no projection or scale: the ops return empty tensors for those."""
-    return (grad_proj, grad_scale) if proj is not None else (None, None)
-
-
-class _ToTiles(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.tokens = x.shape[0]
-        return torch.ops.vwn_ghc.to_tiles(x.contiguous())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return torch.ops.vwn_ghc.from_tiles(grad, ctx.tokens)
-
-
-class _FromTiles(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tiles: torch.Tensor, tokens: int) -> torch.Tensor:
-        return torch.ops.vwn_ghc.from_tiles(tiles, tokens)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return torch.ops.vwn_ghc.to_tiles(grad.contiguous()), None
-
-
 def to_tiles(h: torch.Tensor) -> LaneTiles:
     """h (B, T, n, d_b), fp32 on CPU -> its lane tiles."""
-    return LaneTiles(_ToTiles.apply(h.reshape(-1, *h.shape[-2:])), h.shape)
+    return LaneTiles(torch.ops.vwn_ghc.tile(h.reshape(-1, *h.shape[-2:])), h.shape)
 
 
 def from_tiles(state: LaneTiles) -> torch.Tensor:
     """Lane tiles -> the state (B, T, n, d_b)."""
-    return _FromTiles.apply(state.data, state.shape[:-2].numel()).view(state.shape)
-
-
-class _Read(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, proj: torch.Tensor | None,
-                scale: torch.Tensor | None, temperature: float, tokens: int, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(h, a, b, proj, scale)
-        ctx.temperature, ctx.eps = temperature, eps
-        return torch.ops.vwn_ghc.read_forward(h, a, b, proj, scale, temperature, tokens, eps)
-
-    @staticmethod
-    def backward(ctx, grad_x: torch.Tensor) -> tuple:
-        h, a, b, proj, scale = ctx.saved_tensors
-        grad_h, grad_a, *grads = torch.ops.vwn_ghc.read_backward(h, a, b, proj, scale, ctx.temperature, ctx.eps,
-                                                                 grad_x.contiguous())
-        return grad_h, grad_a, None, *_projection_gradients(proj, *grads), None, None, None
-
-
-class _Write(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, proj: torch.Tensor | None,
-                scale: torch.Tensor | None, temperature: float, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(h, z, a, b, proj, scale)
-        ctx.temperature, ctx.eps = temperature, eps
-        return torch.ops.vwn_ghc.write_forward(h, z, a, b, proj, scale, temperature, eps)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple:
-        h, z, a, b, proj, scale = ctx.saved_tensors
-        grad_h, grad_z, grad_a, grad_b, *grads = torch.ops.vwn_ghc.write_backward(
-            h, z, a, b, proj, scale, ctx.temperature, ctx.eps, grad)
-        return grad_h, grad_z, grad_a, grad_b, *_projection_gradients(proj, *grads), None, None
-
-
-class _WriteRead(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, proj: torch.Tensor | None,
-                scale: torch.Tensor | None, temperature: float, eps: float, next_a: torch.Tensor,
-                next_b: torch.Tensor, next_proj: torch.Tensor | None, next_scale: torch.Tensor | None,
-                next_temperature: float, next_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        out, x = torch.ops.vwn_ghc.write_read_forward(h, z, a, b, proj, scale, temperature, eps, next_a, next_b,
-                                                      next_proj, next_scale, next_temperature, next_eps)
-        ctx.save_for_backward(h, z, out, a, b, proj, scale, next_a, next_b, next_proj, next_scale)
-        ctx.scalars = temperature, eps, next_temperature, next_eps
-        return out, x
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor, grad_x: torch.Tensor) -> tuple:
-        h, z, out, a, b, proj, scale, next_a, next_b, next_proj, next_scale = ctx.saved_tensors
-        temperature, eps, next_temperature, next_eps = ctx.scalars
-        grad_h, grad_z, grad_a, grad_b, *grads = torch.ops.vwn_ghc.write_read_backward(
-            h, z, out, a, b, proj, scale, temperature, eps, next_a, next_b, next_proj, next_scale, next_temperature,
-            next_eps, grad_out, grad_x.contiguous())
-        grad_proj, grad_scale, grad_next_a, grad_next_proj, grad_next_scale = grads
-        return (grad_h, grad_z, grad_a, grad_b, *_projection_gradients(proj, grad_proj, grad_scale), None, None,
-                grad_next_a, None, *_projection_gradients(next_proj, grad_next_proj, grad_next_scale), None, None)
+    return torch.ops.vwn_ghc.untile(state.data, state.shape[:-2].numel()).view(state.shape)
 
 
 def fused_read(h: LaneTiles, parameters: MixingParameters, eps: float) -> torch.Tensor:
     """State h (lane tiles of (..., n, d_b)) -> sublayer input x (..., m·d_b)."""
-    x = _Read.apply(h.data, *parameters, h.shape[:-2].numel(), eps)
+    x = torch.ops.vwn_ghc.read(h.data, *parameters, h.shape[:-2].numel(), eps)
     return x.view(*h.shape[:-2], -1)
 
 
@@ -207,28 +125,15 @@ def _slot_rows(z: torch.Tensor, h: LaneTiles) -> torch.Tensor:
 
 def fused_write(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps: float) -> LaneTiles:
     """State h (lane tiles of (..., n, d_b)) and sublayer output z (..., m·d_b) -> new state, as lane tiles."""
-    return LaneTiles(_Write.apply(h.data, _slot_rows(z, h), *parameters, eps), h.shape)
+    return LaneTiles(torch.ops.vwn_ghc.write(h.data, _slot_rows(z, h), *parameters, eps), h.shape)
 
 
 def fused_write_read(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters, eps: float,
                      next_parameters: MixingParameters, next_eps: float) -> tuple[LaneTiles, torch.Tensor]:
     """`fused_write`, then the next GHC's `fused_read` of the new state, as one op: the new state's tiles pass through
     the cache once each way, and its two gradients (the next write's and the next read's) are summed tile by tile."""
-    out, x = _WriteRead.apply(h.data, _slot_rows(z, h), *parameters, eps, *next_parameters, next_eps)
+    out, x = torch.ops.vwn_ghc.write_read(h.data, _slot_rows(z, h), *parameters, eps, *next_parameters, next_eps)
     return LaneTiles(out, h.shape), x.view(*h.shape[:-2], -1)
-
-
-class _MTPMerge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, embed: torch.Tensor, gamma_h: torch.Tensor, gamma_e: torch.Tensor,
-                weight: torch.Tensor, eps: float) -> torch.Tensor:
-        tiles, rstd_h, rstd_e = torch.ops.vwn_ghc.mtp_merge_forward(hidden, embed, gamma_h, gamma_e, weight, eps)
-        ctx.save_for_backward(hidden, embed, gamma_h, gamma_e, weight, rstd_h, rstd_e)
-        return tiles
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple:
-        return *torch.ops.vwn_ghc.mtp_merge_backward(grad, *ctx.saved_tensors), None
 
 
 def fused_mtp_merge(hidden: torch.Tensor, embed: torch.Tensor, gamma_h: torch.Tensor, gamma_e: torch.Tensor,
@@ -236,5 +141,5 @@ def fused_mtp_merge(hidden: torch.Tensor, embed: torch.Tensor, gamma_h: torch.Te
     """The MTP module's merge as lane tiles: hidden, embed (..., n, d_b) -> RMSNorm(hidden) ∘ γ_h and
     RMSNorm(embed) ∘ γ_e over each token's n·d_b channels, then W [Ĥ[i] ; Ê[i]] for every slot i, W (d_b, 2 d_b)."""
     rows = (t.reshape(-1, *hidden.shape[-2:]).contiguous() for t in (hidden, embed))
-    return LaneTiles(_MTPMerge.apply(*rows, gamma_h.contiguous(), gamma_e.contiguous(), weight.contiguous(), eps),
-                     hidden.shape)
+    merged = torch.ops.vwn_ghc.mtp_merge(*rows, gamma_h.contiguous(), gamma_e.contiguous(), weight.contiguous(), eps)
+    return LaneTiles(merged, hidden.shape)

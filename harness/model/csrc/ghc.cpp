@@ -1,8 +1,8 @@
 // Fused CPU kernels (fp32) for the generalized hyper-connection's read and write, forward and backward, alone or a
 // write with the next GHC's read, and for the MTP module's merge into the state (at the end of this file). The
 // maths and the shapes are those of harness/model/ghc.py and MultiTokenPredictor.merged;
-// harness/model/cpu_kernels.py builds this file on first use, harness/model/ghc_kernel.py wraps the ops in autograd
-// functions.
+// harness/model/cpu_kernels.py builds this file on first use; ghc_autograd.cpp makes the ops autograd nodes, which
+// harness/model/ghc_kernel.py calls.
 //
 // T tokens, n slots of width d, m read slots, k = 2m + n coefficients per slot: row i of a token's
 // coefficients is [A[i, :] | B[:, i]] = [Å[i, :] (m) | Â[i, :] (n) | Bᵀ[i, :] (m)]. The ops take the parameters
