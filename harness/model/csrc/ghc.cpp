@@ -252,9 +252,9 @@ vreg lanes_rstd(const vreg* x, int64_t width, float eps) {
 
 // A tile's coefficients of the column range (n × width lane matrices), and what their backward needs.
 struct Coefficients {
-  std::vector<vreg> rstd, pre, act, coef;  // per slot; rstd · H W, tanh of it, static + scale ∘ tanh
+  std::vector<vreg> rstd, pre, coef;  // per slot; H W (the backward's), static + scale ∘ tanh(rstd · H W)
   std::vector<vreg> norm_term;  // per slot, in the backward: −g_rstd · rstd³ / d, the norm's share of g_H over H
-  Coefficients(int64_t n, int64_t width) : rstd(n), pre(n * width), act(n * width), coef(n * width), norm_term(n) {}
+  Coefficients(int64_t n, int64_t width) : rstd(n), pre(n * width), coef(n * width), norm_term(n) {}
 };
 
 // A GHC's parameters as its module holds them: A = [Å | Â] (n, m + n), B (m, n), and if dynamic W (d, k) and
@@ -317,42 +317,54 @@ class Mixing {
     scale_ = columns(n, [&](int64_t i, int64_t c) { return S[i * k + c]; });
   }
 
-  // A tile's state h (n × d lanes) -> its coefficients
+  // A tile's state h (n × d lanes) -> its coefficients c.coef
   void forward(const vreg* h, Coefficients& c) const {
     if (!dynamic) {
       for (int64_t e = 0; e < n * width; ++e) c.coef[e] = broadcast(static_[e]);
       return;
     }
-    for (int64_t i = 0; i < n; ++i) c.rstd[i] = lanes_rstd(h + i * d, d, eps_);
-    product(result(c.pre.data(), width), matrix(h, d), parameters(proj_.data(), width), n, width, d, false);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t q = 0; q < width; ++q) {
-        const int64_t e = i * width + q;
-        c.pre[e] *= c.rstd[i];
-        c.act[e] = vwn::tanh_approx(c.pre[e]);
-        c.coef[e] = static_[e] + scale_[e] * c.act[e];
-      }
+    project(h, c, c.coef.data());
+    for_each_slot_run([&]<int kCount>(int64_t i, int64_t e) {
+      vreg activation[kCount];
+      for (int j = 0; j < kCount; ++j) activation[j] = vwn::tanh_approx(c.coef[e + j] * c.rstd[i]);
+      for (int j = 0; j < kCount; ++j) c.coef[e + j] = static_[e + j] + scale_[e + j] * activation[j];
+      return vreg{};
+    }, nullptr);
   }
 
-  // The gradient g (n × width lanes, overwritten by g_HW) of a tile's coefficients c -> this thread's sums of
-  // the static and scale parameters, and c.norm_term; `state_gradient` then takes g_HW on.
-  //   g_pre = g ∘ scale ∘ (1 - tanh²),  g_HW = rstd · g_pre,  g_rstd · rstd³ = rstd² Σ_q g_pre ∘ pre
-  void coefficient_backward(Coefficients& c, vreg* g, vreg* sums) const {
+  // A tile's state h and the gradient g (n × width lanes) of its coefficients -> the coefficients again (c.coef), g
+  // overwritten by g_HW, c.norm_term, and this thread's sums of the static and scale parameters; `state_gradient`
+  // then takes g_HW on. One pass recomputes and differentiates each coefficient:
+  //   g_pre = g ∘ scale ∘ (1 - tanh²),  g_HW = rstd · g_pre,  g_rstd · rstd³ = rstd² Σ_q g_pre ∘ rstd · H W
+  void backward(const vreg* h, Coefficients& c, vreg* g, vreg* sums) const {
     vreg* sum_static = sums;
-    for (int64_t e = 0; e < n * width; ++e) sum_static[e] += g[e];
-    if (!dynamic) return;
-    vreg* sum_scale = sums + n * width;
-    for (int64_t i = 0; i < n; ++i) {
-      vreg g_rstd{};
-      for (int64_t q = 0; q < width; ++q) {
-        const int64_t e = i * width + q;
-        sum_scale[e] += g[e] * c.act[e];
-        const vreg g_pre = g[e] * scale_[e] * (1.0f - c.act[e] * c.act[e]);
-        g_rstd += g_pre * c.pre[e];
-        g[e] = g_pre * c.rstd[i];
+    if (!dynamic) {
+      for (int64_t e = 0; e < n * width; ++e) {
+        c.coef[e] = broadcast(static_[e]);
+        sum_static[e] += g[e];
       }
-      c.norm_term[i] = g_rstd * c.rstd[i] * c.rstd[i] * (-1.0f / static_cast<float>(d));
+      return;
     }
+    vreg* sum_scale = sums + n * width;
+    project(h, c, c.pre.data());
+    for_each_slot_run([&]<int kCount>(int64_t i, int64_t e) {
+      vreg pre[kCount], activation[kCount];
+      for (int j = 0; j < kCount; ++j) {
+        pre[j] = c.pre[e + j] * c.rstd[i];
+        activation[j] = vwn::tanh_approx(pre[j]);
+      }
+      vreg g_rstd{};
+      for (int j = 0; j < kCount; ++j) {
+        c.coef[e + j] = static_[e + j] + scale_[e + j] * activation[j];
+        sum_static[e + j] += g[e + j];
+        sum_scale[e + j] += g[e + j] * activation[j];
+        const vreg g_pre = g[e + j] * scale_[e + j] * (1.0f - activation[j] * activation[j]);
+        g_rstd += g_pre * pre[j];
+        g[e + j] = g_pre * c.rstd[i];
+      }
+      return g_rstd;
+    }, c.norm_term.data());
+    for (int64_t i = 0; i < n; ++i) c.norm_term[i] *= c.rstd[i] * c.rstd[i] * (-1.0f / static_cast<float>(d));
   }
 
   // The state's gradient grad_h (n × d lanes) (+)= the terms (its other paths) + its path through the
@@ -399,6 +411,35 @@ class Mixing {
   const int64_t n, m, d, k, q0, width;
 
  private:
+  // c.rstd of each slot, and H W (n × width lanes) into pre
+  void project(const vreg* h, Coefficients& c, vreg* pre) const {
+    for (int64_t i = 0; i < n; ++i) c.rstd[i] = lanes_rstd(h + i * d, d, eps_);
+    product(result(pre, width), matrix(h, d), parameters(proj_.data(), width), n, width, d, false);
+  }
+
+  // body.template operator()<kCount>(slot i, element e) -> vreg for the coefficients e .. e + kCount - 1 of every
+  // slot's row, kCount = 4 while the row lasts (then 2, 1); slot_sums[i], if given, = what it returned for slot i,
+  // summed
+  // NOTE: four at a time, each body loading and evaluating all four before storing any: in place, one element's
+  // store would order the next one's load behind it, and the tanh's ~16 dependent operations of four elements
+  // overlap only if the core sees them together (the forward's coefficient loop alone at (8, 64): x0.90 against
+  // one at a time). The slot's sum stays in a register: accumulated in c.norm_term instead, each element's add
+  // waited on the last one's store, and a (2, 8) write + read backward ran x1.04 (slower).
+  template <typename Body>
+  __attribute__((always_inline)) void for_each_slot_run(const Body& body, vreg* slot_sums) const {
+    for (int64_t i = 0; i < n; ++i) {
+      vreg sum{};
+      int64_t q = 0;
+      for (; q + 4 <= width; q += 4) sum += body.template operator()<4>(i, i * width + q);
+      if (q + 2 <= width) {
+        sum += body.template operator()<2>(i, i * width + q);
+        q += 2;
+      }
+      if (q < width) sum += body.template operator()<1>(i, i * width + q);
+      if (slot_sums) slot_sums[i] = sum;
+    }
+  }
+
   // Columns [q0, q0 + width) of a (rows, k) matrix given elementwise by value(row, column), (rows × width)
   template <typename Value>
   std::vector<float> columns(int64_t rows, const Value& value) const {
@@ -507,9 +548,8 @@ void read_tile(const Mixing& mixing, const vreg* h, Coefficients& c, vreg* x) {
 void read_tile_backward(const Mixing& mixing, const vreg* h, const vreg* gx, Coefficients& c, vreg* g_coef,
                         vreg* grad_h, bool accumulate, vreg* sums) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m;
-  mixing.forward(h, c);
   product(result(g_coef, m), matrix(h, d), transposed(gx, d), n, m, d, false);  // <H[i], G_X[j]>
-  mixing.coefficient_backward(c, g_coef, sums);
+  mixing.backward(h, c, g_coef, sums);
   mixing.state_gradient(h, c, g_coef, grad_h, accumulate, sums,
                         Product<ConstLanes>{matrix(c.coef.data(), m), matrix(gx, d), m});  // Σ_j Å[i, j] G_X[j]
 }
@@ -528,12 +568,11 @@ void write_tile(const Mixing& mixing, const vreg* h, const vreg* z, Coefficients
 void write_tile_backward(const Mixing& mixing, const vreg* h, const vreg* z, const vreg* g, Coefficients& c,
                          vreg* g_coef, vreg* grad_h, vreg* grad_z, vreg* sums) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
-  mixing.forward(h, c);
-  const vreg* coef = c.coef.data();
   product(result(g_coef, width), matrix(h, d), transposed(g, d), n, n, d, false);         // <H[i], G[j]>
   product(result(g_coef + n, width), matrix(g, d), transposed(z, d), n, m, d, false);      // <G[j], Z[l]>
+  mixing.backward(h, c, g_coef, sums);
+  const vreg* coef = c.coef.data();
   product(result(grad_z, d), transposed(coef + n, width), matrix(g, d), m, d, n, false);  // Σ_j Bᵀ[j, l] G[j]
-  mixing.coefficient_backward(c, g_coef, sums);
   mixing.state_gradient(h, c, g_coef, grad_h, false, sums,
                         Product<ConstLanes>{matrix(coef, width), matrix(g, d), n});  // Σ_j Â[i, j] G[j]
 }
