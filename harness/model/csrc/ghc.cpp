@@ -422,9 +422,10 @@ class Mixing {
   // summed
   // NOTE: four at a time, each body loading and evaluating all four before storing any: in place, one element's
   // store would order the next one's load behind it, and the tanh's ~16 dependent operations of four elements
-  // overlap only if the core sees them together (the forward's coefficient loop alone at (8, 64): x0.90 against
-  // one at a time). The slot's sum stays in a register: accumulated in c.norm_term instead, each element's add
-  // waited on the last one's store, and a (2, 8) write + read backward ran x1.04 (slower).
+  // overlap only if the core sees them together (the forward's coefficient loop alone at (8, 64), in place: x0.94
+  // against one at a time, x0.90 against the three stores a coefficient had before). The slot's sum stays in a
+  // register: accumulated in c.norm_term instead, each element's add waited on the last one's store, and a (2, 8)
+  // write + read backward ran x1.04 (slower).
   template <typename Body>
   __attribute__((always_inline)) void for_each_slot_run(const Body& body, vreg* slot_sums) const {
     for (int64_t i = 0; i < n; ++i) {
