@@ -49,6 +49,7 @@ using vwn::vreg;
 
 constexpr int64_t kLanes = vwn::kRegisterLanes;  // tokens per tile
 constexpr int64_t kGrainTiles = 4;
+constexpr int64_t kSumDepth = 32;  // of the products that sum parameter gradients over a run of tiles (tiles_per_sum)
 
 void check_input(const Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
@@ -368,15 +369,21 @@ class Mixing {
   }
 
   // The state's gradient grad_h (n × d lanes) (+)= the terms (its other paths) + its path through the
-  // coefficients, g_HW Wᵀ + norm_term ∘ H, in one pass; W's sums += Hᵀ g_HW into this thread's sums.
+  // coefficients, g_HW Wᵀ + norm_term ∘ H, in one pass.
   template <typename... Terms>
   void state_gradient(const vreg* h, const Coefficients& c, const vreg* g_hw, vreg* grad_h, bool accumulate,
-                      vreg* sums, const Terms&... terms) const {
+                      const Terms&... terms) const {
     if (!dynamic) return sum_of(result(grad_h, d), n, d, accumulate, terms...);
     sum_of(result(grad_h, d), n, d, accumulate, terms...,
            Product<Broadcast>{matrix(g_hw, width), parameters_transposed(proj_.data(), width), width},
            ScaledRows{matrix(h, d), c.norm_term.data()});
-    product(result(sums + 2 * n * width, width), transposed(h, d), matrix(g_hw, width), d, width, n, true);
+  }
+
+  // W's sums += Hᵀ g_HW over a run of consecutive tiles (h the first one's state, the others' following it; g_hw
+  // theirs, tiles × n × width lanes), into this thread's sums: one product of depth tiles · n
+  void add_projection_sums(const vreg* h, const vreg* g_hw, int64_t tiles, vreg* sums) const {
+    if (dynamic)
+      product(result(sums + 2 * n * width, width), transposed(h, d), matrix(g_hw, width), d, width, tiles * n, true);
   }
 
   // Lanes of this thread's parameter sums: [static (n × width) | scale (n × width) | W (d × width)]
@@ -466,16 +473,34 @@ struct TileWork {
   vreg* operator[](std::size_t i) { return buffers[i].data(); }
 };
 
-// The tiles over the threads: body(work, tile, first token, token count) for each, `work` a TileWork of the
-// given GHCs and lane-matrix sizes per thread.
-template <typename Body>
-void for_each_tile(int64_t tiles, int64_t tokens, std::initializer_list<const Mixing*> mixings,
-                   std::initializer_list<int64_t> sizes, const Body& body) {
+struct NoFinish {
+  void operator()(TileWork&, int64_t, int64_t) const {}
+};
+
+// Consecutive tiles of n slots whose parameter gradients (Σ over tokens and slots) one product sums: a depth of
+// kSumDepth, or one tile if that alone is half as deep
+// NOTE: a product per tile, of depth n, loads and stores all the sums (d x width for a GHC's W, d x 2d for the merge
+// weight) for every n FMAs into each. Runs of tiles against one tile at a time, alternated in one process: write +
+// read backward x0.79-0.81 at (2, 3), x0.87-0.88 at (2, 4), x0.95 at (2, 8); the merge's backward x0.75-0.82 at
+// (2, 3), x0.85 at (2, 4), x0.97 at (2, 8). At n = 16 a run of two made the merge x1.03 (slower), its buffers of
+// normed state twice as large; at (8, 64) a run of four tiles' g_HW (590 KB) made the backward x1.10.
+int64_t tiles_per_sum(int64_t n) { return n >= kSumDepth / 2 ? 1 : kSumDepth / n; }
+
+// The tiles over the threads, `work` a TileWork of the given GHCs and lane-matrix sizes per thread, in runs of up to
+// `run_length` consecutive tiles: body(work, tile, first token, token count, the tile's index in its run) for each,
+// then finish(work, the run's first tile, its tile count).
+template <typename Body, typename Finish = NoFinish>
+void for_each_tile(int64_t tiles, int64_t tokens, int64_t run_length, std::initializer_list<const Mixing*> mixings,
+                   std::initializer_list<int64_t> sizes, const Body& body, const Finish& finish = {}) {
   at::parallel_for(0, tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
     TileWork work(mixings, sizes);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t t0 = tile * kLanes;
-      body(work, tile, t0, std::clamp<int64_t>(tokens - t0, 0, kLanes));
+    for (int64_t run = begin; run < end; run += run_length) {
+      const int64_t run_tiles = std::min(run_length, end - run);
+      for (int64_t tile = run; tile < run + run_tiles; ++tile) {
+        const int64_t t0 = tile * kLanes;
+        body(work, tile, t0, std::clamp<int64_t>(tokens - t0, 0, kLanes), tile - run);
+      }
+      finish(work, run, run_tiles);
     }
   });
 }
@@ -551,8 +576,7 @@ void read_tile_backward(const Mixing& mixing, const vreg* h, const vreg* gx, Coe
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m;
   product(result(g_coef, m), matrix(h, d), transposed(gx, d), n, m, d, false);  // <H[i], G_X[j]>
   mixing.backward(h, c, g_coef, sums);
-  mixing.state_gradient(h, c, g_coef, grad_h, accumulate, sums,
-                        Product<ConstLanes>{matrix(c.coef.data(), m), matrix(gx, d), m});  // Σ_j Å[i, j] G_X[j]
+  mixing.state_gradient(h, c, g_coef, grad_h, accumulate, Product<ConstLanes>{matrix(c.coef.data(), m), matrix(gx, d), m});  // Σ_j Å[i, j] G_X[j]
 }
 
 // state h (n × d), z (m × d) -> new state out (n × d), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
@@ -574,8 +598,7 @@ void write_tile_backward(const Mixing& mixing, const vreg* h, const vreg* z, con
   mixing.backward(h, c, g_coef, sums);
   const vreg* coef = c.coef.data();
   product(result(grad_z, d), transposed(coef + n, width), matrix(g, d), m, d, n, false);  // Σ_j Bᵀ[j, l] G[j]
-  mixing.state_gradient(h, c, g_coef, grad_h, false, sums,
-                        Product<ConstLanes>{matrix(coef, width), matrix(g, d), n});  // Σ_j Â[i, j] G[j]
+  mixing.state_gradient(h, c, g_coef, grad_h, false, Product<ConstLanes>{matrix(coef, width), matrix(g, d), n});  // Σ_j Â[i, j] G[j]
 }
 
 // ---- the ops ----
@@ -593,7 +616,7 @@ Tensor read_forward(const Tensor& h_arg, const Tensor& a, const Tensor& b, const
   const Mixing read({a, b, proj, scale, temperature}, s, eps, Side::read);
   float* X = x.data_ptr<float>();
   const int64_t row = s.m * s.d;
-  for_each_tile(s.tiles, s.tokens, {&read}, {row}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+  for_each_tile(s.tiles, s.tokens, 1, {&read}, {row}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
     read_tile(read, tile_of(h, tile), work.coefficients[0], work[0]);
     from_lanes(work[0], row, count, X + t0 * row, row);
   });
@@ -614,11 +637,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> read_backward(const Tensor& h_arg, co
   Tensor grad_h = at::empty_like(h);
   const float* GX = grad_x.data_ptr<float>();
   const int64_t row = s.m * s.d;
-  for_each_tile(s.tiles, s.tokens, {&read}, {row, s.n * s.m},
-                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+  const int64_t g_lanes = s.n * s.m, run_length = tiles_per_sum(s.n);
+  for_each_tile(s.tiles, s.tokens, run_length, {&read}, {row, run_length * g_lanes},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t in_run) {
     to_lanes(GX + t0 * row, row, count, row, work[0]);
-    read_tile_backward(read, tile_of(h, tile), work[0], work.coefficients[0], work[1], tile_of(grad_h, tile), false,
-                       thread_sums(sums));
+    read_tile_backward(read, tile_of(h, tile), work[0], work.coefficients[0], work[1] + in_run * g_lanes,
+                       tile_of(grad_h, tile), false, thread_sums(sums));
+  }, [&](TileWork& work, int64_t run, int64_t run_tiles) {
+    read.add_projection_sums(tile_of(h, run), work[1], run_tiles, thread_sums(sums));
   });
   const ParameterGradients g = read.gradients(sums, h);
   return {grad_h, g.a, g.proj, g.scale};
@@ -635,7 +661,7 @@ Tensor write_forward(const Tensor& h_arg, const Tensor& z, const Tensor& a, cons
   Tensor out = at::empty_like(h);
   const float* Z = z.data_ptr<float>();
   const int64_t row = s.m * s.d;
-  for_each_tile(s.tiles, s.tokens, {&write}, {row}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+  for_each_tile(s.tiles, s.tokens, 1, {&write}, {row}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
     to_lanes(Z + t0 * row, row, count, row, work[0]);
     write_tile(write, tile_of(h, tile), work[0], work.coefficients[0], tile_of(out, tile));
   });
@@ -658,12 +684,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> write_backward(
   const float* Z = z.data_ptr<float>();
   float* GZ = grad_z.data_ptr<float>();
   const int64_t row = s.m * s.d;
-  for_each_tile(s.tiles, s.tokens, {&write}, {row, row, s.n * write.width},
-                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+  const int64_t g_lanes = s.n * write.width, run_length = tiles_per_sum(s.n);
+  for_each_tile(s.tiles, s.tokens, run_length, {&write}, {row, row, run_length * g_lanes},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t in_run) {
     to_lanes(Z + t0 * row, row, count, row, work[0]);
-    write_tile_backward(write, tile_of(h, tile), work[0], tile_of(grad, tile), work.coefficients[0], work[2],
-                        tile_of(grad_h, tile), work[1], thread_sums(sums));
+    write_tile_backward(write, tile_of(h, tile), work[0], tile_of(grad, tile), work.coefficients[0],
+                        work[2] + in_run * g_lanes, tile_of(grad_h, tile), work[1], thread_sums(sums));
     from_lanes(work[1], row, count, GZ + t0 * row, row);
+  }, [&](TileWork& work, int64_t run, int64_t run_tiles) {
+    write.add_projection_sums(tile_of(h, run), work[2], run_tiles, thread_sums(sums));
   });
   const ParameterGradients g = write.gradients(sums, h);
   return {grad_h, grad_z, g.a, g.b, g.proj, g.scale};
@@ -687,8 +716,8 @@ std::tuple<Tensor, Tensor> write_read_forward(const Tensor& h_arg, const Tensor&
   const float* Z = z.data_ptr<float>();
   float* X = x.data_ptr<float>();
   const int64_t row = s.m * s.d;
-  for_each_tile(s.tiles, s.tokens, {&write, &read}, {row, row},
-                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
+  for_each_tile(s.tiles, s.tokens, 1, {&write, &read}, {row, row},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
     vreg* out_tile = tile_of(out, tile);
     to_lanes(Z + t0 * row, row, count, row, work[0]);
     write_tile(write, tile_of(h, tile), work[0], work.coefficients[0], out_tile);
@@ -723,17 +752,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const float *Z = z.data_ptr<float>(), *GX = grad_x.data_ptr<float>();
   float* GZ = grad_z.data_ptr<float>();
   const int64_t n = s.n, d = s.d, row = s.m * s.d;
-  for_each_tile(s.tiles, s.tokens, {&write, &read}, {row, row, row, n * d, n * write.width},
-                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count) {
-    vreg *zt = work[0], *gxt = work[1], *gzt = work[2], *g = work[3], *g_coef = work[4];
+  const int64_t write_g_lanes = n * write.width, read_g_lanes = n * read.width, run_length = tiles_per_sum(n);
+  for_each_tile(s.tiles, s.tokens, run_length, {&write, &read},
+                {row, row, row, n * d, run_length * write_g_lanes, run_length * read_g_lanes},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t in_run) {
+    vreg *zt = work[0], *gxt = work[1], *gzt = work[2], *g = work[3];
     to_lanes(Z + t0 * row, row, count, row, zt);
     to_lanes(GX + t0 * row, row, count, row, gxt);
     const vreg* grad_out_tile = tile_of(grad_out, tile);
     std::copy(grad_out_tile, grad_out_tile + n * d, g);
-    read_tile_backward(read, tile_of(out, tile), gxt, work.coefficients[1], g_coef, g, true, thread_sums(read_sums));
-    write_tile_backward(write, tile_of(h, tile), zt, g, work.coefficients[0], g_coef, tile_of(grad_h, tile), gzt,
-                        thread_sums(write_sums));
+    read_tile_backward(read, tile_of(out, tile), gxt, work.coefficients[1], work[5] + in_run * read_g_lanes, g, true,
+                       thread_sums(read_sums));
+    write_tile_backward(write, tile_of(h, tile), zt, g, work.coefficients[0], work[4] + in_run * write_g_lanes,
+                        tile_of(grad_h, tile), gzt, thread_sums(write_sums));
     from_lanes(gzt, row, count, GZ + t0 * row, row);
+  }, [&](TileWork& work, int64_t run, int64_t run_tiles) {
+    read.add_projection_sums(tile_of(out, run), work[5], run_tiles, thread_sums(read_sums));
+    write.add_projection_sums(tile_of(h, run), work[4], run_tiles, thread_sums(write_sums));
   });
   const ParameterGradients w = write.gradients(write_sums, h), r = read.gradients(read_sums, h);
   return {grad_h, grad_z, w.a, w.b, w.proj, w.scale, r.a, r.proj, r.scale};
@@ -816,35 +851,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tens
   // per thread and lane: [W (d × 2d) | γ_h (n·d) | γ_e (n·d)]
   const int64_t weight_lanes = 2 * d * d;
   vwn::ThreadRows sums((weight_lanes + 2 * width) * kLanes);
-  at::parallel_for(0, s.tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
-    std::vector<vreg> x(width), normed(width), grad_normed(width);
-    vreg* sum = reinterpret_cast<vreg*>(sums.row());
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t t0 = tile * kLanes, count = std::min(kLanes, s.tokens - t0);
-      const vreg* g = tile_of(grad, tile);
-      int64_t side = 0;
-      for (auto [src, gamma, rstd_in, dst] : {std::tuple{H, GH, RH, DH}, std::tuple{E, GE, RE, DE}}) {
-        to_lanes(src + t0 * width, width, count, width, x.data());
-        vreg rstd{};
-        for (int64_t l = 0; l < count; ++l) rstd[l] = rstd_in[t0 + l];
-        for (int64_t f = 0; f < width; ++f) normed[f] = x[f] * rstd * gamma[f];
-        // d Ĥ = G W_h (or W_e), and W's gradient Σ G[i]ᵀ Ĥ[i] into its half of the sums
-        product(result(grad_normed.data(), d), matrix(g, d), Broadcast{W + side * d, 2 * d, 1}, n, d, d, false);
-        product(Lanes{sum + side * d, 2 * d, 1}, transposed(g, d), matrix(normed.data(), d), d, d, n, true);
-        // RMSNorm backward: u = d Ĥ ∘ γ;  d x = rstd · u − rstd³ / (n·d) · x · Σ u ∘ x;  d γ += d Ĥ ∘ x · rstd
-        vreg* sum_gamma = sum + weight_lanes + side * width;
-        vreg dot{};
-        for (int64_t f = 0; f < width; ++f) {
-          sum_gamma[f] += grad_normed[f] * x[f] * rstd;
-          grad_normed[f] *= gamma[f];
-          dot += grad_normed[f] * x[f];
-        }
-        const vreg correction = dot * rstd * rstd * rstd / static_cast<float>(width);
-        for (int64_t f = 0; f < width; ++f) x[f] = rstd * grad_normed[f] - correction * x[f];
-        from_lanes(x.data(), width, count, dst + t0 * width, width);
-        ++side;
+  const int64_t run_length = tiles_per_sum(n);
+  for_each_tile(s.tiles, s.tokens, run_length, {}, {width, width, 2 * run_length * width},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t in_run) {
+    vreg *x = work[0], *grad_normed = work[1], *sum = thread_sums(sums);
+    const vreg* g = tile_of(grad, tile);
+    int64_t side = 0;
+    for (auto [src, gamma, rstd_in, dst] : {std::tuple{H, GH, RH, DH}, std::tuple{E, GE, RE, DE}}) {
+      vreg* normed = work[2] + (side * run_length + in_run) * width;  // [side][tile of the run]
+      to_lanes(src + t0 * width, width, count, width, x);
+      vreg rstd{};
+      for (int64_t l = 0; l < count; ++l) rstd[l] = rstd_in[t0 + l];
+      for (int64_t f = 0; f < width; ++f) normed[f] = x[f] * rstd * gamma[f];
+      // d Ĥ = G W_h (or W_e)
+      product(result(grad_normed, d), matrix(g, d), Broadcast{W + side * d, 2 * d, 1}, n, d, d, false);
+      // RMSNorm backward: u = d Ĥ ∘ γ;  d x = rstd · u − rstd³ / (n·d) · x · Σ u ∘ x;  d γ += d Ĥ ∘ x · rstd
+      vreg* sum_gamma = sum + weight_lanes + side * width;
+      vreg dot{};
+      for (int64_t f = 0; f < width; ++f) {
+        sum_gamma[f] += grad_normed[f] * x[f] * rstd;
+        grad_normed[f] *= gamma[f];
+        dot += grad_normed[f] * x[f];
       }
+      const vreg correction = dot * rstd * rstd * rstd / static_cast<float>(width);
+      for (int64_t f = 0; f < width; ++f) x[f] = rstd * grad_normed[f] - correction * x[f];
+      from_lanes(x, width, count, dst + t0 * width, width);
+      ++side;
     }
+  }, [&](TileWork& work, int64_t run, int64_t run_tiles) {
+    // W's gradient Σ G[i]ᵀ Ĥ[i] over the run's tiles and slots into each half of the sums: the tiles' gradients follow
+    // each other, so the run is one product of depth run_tiles · n
+    for (int64_t side = 0; side < 2; ++side)
+      product(Lanes{thread_sums(sums) + side * d, 2 * d, 1}, transposed(tile_of(grad, run), d),
+              matrix(work[2] + side * run_length * width, d), d, d, run_tiles * n, true);
   });
   auto total = [&](int64_t lanes_offset) { return lane_total(sums, lanes_offset); };
   Tensor grad_weight = at::empty_like(weight), grad_gamma_h = at::empty_like(gamma_h);
