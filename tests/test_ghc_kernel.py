@@ -7,7 +7,7 @@ import torch
 
 from harness.model import cpu_kernels, gemm, ghc_kernel
 from harness.model.config import ModelConfig
-from harness.model.ghc import GeneralizedHyperConnection, run_stack, tile_state, untile_state
+from harness.model.ghc import GeneralizedHyperConnection, group_normalized, run_stack, tile_state, untile_state
 from harness.model.transformer import MultiTokenPredictor
 
 D_MODEL = 64
@@ -104,7 +104,7 @@ def test_the_fused_ops_run_without_autograd_as_with_it():
 
     def state_through_everything():
         state = run_stack(tile_state(h), stack)
-        return untile_state(run_stack(merge.merged(untile_state(state), embed), stack))
+        return untile_state(run_stack(merge.merged(state, embed), stack))
 
     recorded = state_through_everything()
     assert recorded.requires_grad
@@ -117,7 +117,7 @@ def test_the_fused_ops_run_without_autograd_as_with_it():
 
 @pytest.mark.parametrize("m,n", [(2, 3), (1, 4), (2, 16), (8, 64)])
 def test_fused_mtp_merge_matches_the_reference_path_in_float64(m, n):
-    """The MTP module's norms and merge straight into lane tiles: values and every gradient."""
+    """The MTP module's norms and merge from and to lane tiles: values and every gradient."""
     config = ModelConfig(vocab_size=64, d_model=D_MODEL, n_layers=1, n_heads=2, seq_len=50, virtual_width=(m, n),
                          mtp=True)
     torch.manual_seed(n)
@@ -129,7 +129,7 @@ def test_fused_mtp_merge_matches_the_reference_path_in_float64(m, n):
 
     def merged_with_gradients(module: MultiTokenPredictor, h: torch.Tensor, embed: torch.Tensor):
         h, embed = h.clone().requires_grad_(), embed.clone().requires_grad_()
-        state = module.merged(h, embed)
+        state = module.merged(tile_state(h), embed)  # lane tiles in fp32, h itself in float64
         out = untile_state(state)
         (out * torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         norms_and_merge = [module.hidden_norm.weight, module.embed_norm.weight, module.merge.weight]
@@ -142,6 +142,28 @@ def test_fused_mtp_merge_matches_the_reference_path_in_float64(m, n):
     assert not isinstance(state, ghc_kernel.LaneTiles)
     names = ["merged", "grad hidden", "grad embed", "grad hidden norm", "grad embed norm", "grad merge"]
     for name, got, want in zip(names, fused, reference, strict=True):
+        error = (got.double() - want).abs().max() / want.abs().max()
+        assert error < 2e-6, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("n,groups", [(3, 3), (8, 4), (64, 8)])
+def test_group_norm_of_lane_tiles_matches_the_reference_path_in_float64(n, groups):
+    """The reduce head's group norm straight from lane tiles (`group_normalized`): values and the state's gradient,
+    150 tokens (6 in the last tile)."""
+    torch.manual_seed(n)
+    h = torch.randn(3, 50, n, 8) * torch.linspace(0.5, 3.0, n * 8).view(n, 8) + 0.5
+
+    weights = torch.randn(3, 50, groups, n * 8 // groups)  # not smooth: a norm's backward cancels smooth gradients
+
+    def normalized_with_gradient(h: torch.Tensor) -> list[torch.Tensor]:
+        h = h.clone().requires_grad_()
+        y = group_normalized(tile_state(h), groups, 1e-5)
+        (y * weights.to(y.dtype)).sum().backward()
+        return [y.detach(), h.grad]
+
+    assert isinstance(tile_state(h), ghc_kernel.LaneTiles)
+    fused, reference = normalized_with_gradient(h), normalized_with_gradient(h.double())
+    for name, got, want in zip(["normalized", "grad state"], fused, reference, strict=True):
         error = (got.double() - want).abs().max() / want.abs().max()
         assert error < 2e-6, f"{name}: relative error {error:.2e}"
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from harness.model import cpu_kernels, ghc_kernel
+from harness.model.norm import layer_norm
 
 Mixing = tuple[torch.Tensor, torch.Tensor] | ghc_kernel.MixingParameters  # what `read` hands to `write`
 State = torch.Tensor | ghc_kernel.LaneTiles  # the state between sublayers: (B, T, n, d_b), or its lane tiles
@@ -56,6 +57,15 @@ def tile_state(h: torch.Tensor) -> State:
 def untile_state(state: State) -> torch.Tensor:
     """The state as (B, T, n, d_b), whichever layout it is in."""
     return ghc_kernel.from_tiles(state) if isinstance(state, ghc_kernel.LaneTiles) else state
+
+
+def group_normalized(state: State, groups: int, eps: float) -> torch.Tensor:
+    """The state (B, T, n, d_b), or its lane tiles, as (B, T, groups, n·d_b / groups): each token's channels
+    layer-normalised (no affine) in `groups` equal groups, GroupNorm's normalisation. From lane tiles, the untiling
+    and the norm are one pass each way."""
+    if isinstance(state, ghc_kernel.LaneTiles):
+        return ghc_kernel.untiled_group_norm(state, groups, eps)
+    return layer_norm(state.flatten(-2).unflatten(-1, (groups, -1)), eps)
 
 
 def initial_mixing(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ The kernels keep the GHC state in lane tiles (`LaneTiles`): one token per lane o
 (16 on AVX-512, 8 on AVX2; `lanes()`), so that no op transposes the state; `to_tiles` and `from_tiles` convert
 at the ends of a stack of GHC-wrapped blocks. `fused_read` and `fused_write` compute what
 `GeneralizedHyperConnection.read` / `.write` compute on their reference path, `fused_write_read` a write and the
-next GHC's read of the state it wrote, and `fused_mtp_merge` what `MultiTokenPredictor.merged` does (ending in
+next GHC's read of the state it wrote, and `fused_mtp_merge` what `MultiTokenPredictor.merged` does (from and to
 lane tiles), each as one pass over its tensors forward and one backward.
 """
 
@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from harness.model import cpu_kernels
+from harness.model.norm import layer_norm_of_tiles
 
 
 class MixingParameters(NamedTuple):
@@ -56,9 +57,8 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("vwn_ghc::mtp_merge_forward")
     def _(hidden, embed, gamma_h, gamma_e, weight, eps):
-        tokens, n, d = hidden.shape
-        rstd = hidden.new_empty(tokens)
-        return hidden.new_empty(-(-tokens // lane_count), n, d, lane_count), rstd, torch.empty_like(rstd)
+        rstd = embed.new_empty(embed.shape[0])
+        return torch.empty_like(hidden), rstd, torch.empty_like(rstd)
 
     @torch.library.register_fake("vwn_ghc::mtp_merge_backward")
     def _(grad, hidden, embed, gamma_h, gamma_e, weight, rstd_h, rstd_e):
@@ -136,10 +136,19 @@ def fused_write_read(h: LaneTiles, z: torch.Tensor, parameters: MixingParameters
     return LaneTiles(out, h.shape), x.view(*h.shape[:-2], -1)
 
 
-def fused_mtp_merge(hidden: torch.Tensor, embed: torch.Tensor, gamma_h: torch.Tensor, gamma_e: torch.Tensor,
+def fused_mtp_merge(hidden: LaneTiles, embed: torch.Tensor, gamma_h: torch.Tensor, gamma_e: torch.Tensor,
                     weight: torch.Tensor, eps: float) -> LaneTiles:
-    """The MTP module's merge as lane tiles: hidden, embed (..., n, d_b) -> RMSNorm(hidden) ∘ γ_h and
-    RMSNorm(embed) ∘ γ_e over each token's n·d_b channels, then W [Ĥ[i] ; Ê[i]] for every slot i, W (d_b, 2 d_b)."""
-    rows = (t.reshape(-1, *hidden.shape[-2:]).contiguous() for t in (hidden, embed))
-    merged = torch.ops.vwn_ghc.mtp_merge(*rows, gamma_h.contiguous(), gamma_e.contiguous(), weight.contiguous(), eps)
+    """The MTP module's merge, lane tiles to lane tiles: hidden (lane tiles of (..., n, d_b)), embed (..., n, d_b) ->
+    RMSNorm(hidden) ∘ γ_h and RMSNorm(embed) ∘ γ_e over each token's n·d_b channels, then W [Ĥ[i] ; Ê[i]] for every
+    slot i, W (d_b, 2 d_b)."""
+    embed = embed.reshape(-1, *embed.shape[-2:]).contiguous()
+    merged = torch.ops.vwn_ghc.mtp_merge(hidden.data, embed, gamma_h.contiguous(), gamma_e.contiguous(),
+                                         weight.contiguous(), eps)
     return LaneTiles(merged, hidden.shape)
+
+
+def untiled_group_norm(state: LaneTiles, groups: int, eps: float) -> torch.Tensor:
+    """The state (..., n, d_b) from its lane tiles, each token's n·d_b channels layer-normalised (no affine) in
+    `groups` equal groups, as (..., groups, n·d_b / groups): one pass each way (`layer_norm_of_tiles`)."""
+    y = layer_norm_of_tiles(state.data, state.shape[:-2].numel(), groups, eps)
+    return y.view(*state.shape[:-2], groups, -1)

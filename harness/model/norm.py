@@ -77,6 +77,21 @@ class _FusedLayerNorm(torch.autograd.Function):
         return grad_x.view(grad.shape), None
 
 
+class _FusedTilesLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tiles: torch.Tensor, tokens: int, groups: int, eps: float) -> torch.Tensor:
+        out, rstd = torch.ops.vwn_layer_norm.tiles_layer_norm_forward(tiles, tokens, groups, eps)
+        ctx.save_for_backward(out, rstd)
+        ctx.slots = tiles.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        out, rstd = ctx.saved_tensors
+        grad_tiles = torch.ops.vwn_layer_norm.tiles_layer_norm_backward(grad.contiguous(), out, rstd, ctx.slots)
+        return grad_tiles, None, None, None
+
+
 def _register_fake_kernels() -> None:
     @torch.library.register_fake("vwn_norm::rms_norm_forward")
     def _(x, weight, eps):
@@ -93,6 +108,15 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("vwn_layer_norm::layer_norm_backward")
     def _(grad, out, rstd):
         return torch.empty_like(out)
+
+    @torch.library.register_fake("vwn_layer_norm::tiles_layer_norm_forward")
+    def _(tiles, tokens, groups, eps):
+        return tiles.new_empty(tokens, tiles.shape[1] * tiles.shape[2]), tiles.new_empty(tokens * groups)
+
+    @torch.library.register_fake("vwn_layer_norm::tiles_layer_norm_backward")
+    def _(grad, out, rstd, slots):
+        lanes = torch.ops.vwn_ghc.lanes()
+        return out.new_empty(-(-out.shape[0] // lanes), slots, out.shape[1] // slots, lanes)
 
 
 cpu_kernels.on_build(_register_fake_kernels)
@@ -121,3 +145,10 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     if cpu_kernels.applies(x):
         return _FusedLayerNorm.apply(x, eps)
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def layer_norm_of_tiles(tiles: torch.Tensor, tokens: int, groups: int, eps: float) -> torch.Tensor:
+    """Lane tiles (⌈T / L⌉, n, d, L) of T tokens' (n, d) rows (`ghc_kernel.LaneTiles`) -> those rows, each token's n·d
+    channels `layer_norm`ed in `groups` equal groups, (T, n·d): the conversion from tiles and the norm in one pass
+    each way (`csrc/layer_norm.cpp`); fp32 on CPU with the kernels built."""
+    return _FusedTilesLayerNorm.apply(tiles, tokens, groups, eps)

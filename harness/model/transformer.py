@@ -29,14 +29,14 @@ from harness.model.ghc import (
     GeneralizedHyperConnection,
     State,
     Sublayer,
+    group_normalized,
     run_stack,
-    takes_lane_tiles,
     tile_state,
     untile_state,
 )
 from harness.model.loss import linear_cross_entropy
 from harness.model.moe import MixtureOfExperts, RouterStats, SwiGLU
-from harness.model.norm import RMSNorm, layer_norm
+from harness.model.norm import RMSNorm
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +207,8 @@ class ReduceHead(nn.Module):
         self.reduce = Linear(config.d_wide, config.d_model) if wide else None
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.flatten(-2)
+    def forward(self, h: State) -> torch.Tensor:
+        """The final state (B, T, n, d_b), or its lane tiles -> (B, T, D)."""
         if self.group_norm is not None:  # implies a reduce: groups of D in a wider D'
             # NOTE: GroupNorm of (tokens, D') is a layer norm over each group of D channels, then the
             # per-channel affine; torch's CPU GroupNorm kernel, built for large spatial maps, is 2.5x
@@ -216,11 +216,10 @@ class ReduceHead(nn.Module):
             # folded into the reduce, W (x̂ ∘ γ + β) = (W diag γ) x̂ + W β: a (D, D') product instead of
             # passes over (tokens, D') (head forward + backward at (2, 16): 4.4 -> 3.4 ms).
             norm = self.group_norm
-            x = layer_norm(x.unflatten(-1, (norm.num_groups, -1)), norm.eps)
-            x = linear(x.flatten(-2), self.reduce.weight * norm.weight, self.reduce.weight @ norm.bias)
-        elif self.reduce is not None:
-            x = self.reduce(x)
-        return self.norm(x)
+            x = group_normalized(h, norm.num_groups, norm.eps).flatten(-2)
+            return self.norm(linear(x, self.reduce.weight * norm.weight, self.reduce.weight @ norm.bias))
+        x = untile_state(h).flatten(-2)
+        return self.norm(x if self.reduce is None else self.reduce(x))
 
 
 class MultiTokenPredictor(nn.Module):
@@ -237,16 +236,17 @@ class MultiTokenPredictor(nn.Module):
         self.block = Block(config)
         self.head = ReduceHead(config)
 
-    def forward(self, h: torch.Tensor, next_embed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    def forward(self, h: State, next_embed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, RouterStats | None]:
-        """Final state h and embeddings of the following tokens, both (B, T, n, d_b) -> (B, T, D)."""
+        """Final state h (B, T, n, d_b), or its lane tiles, and embeddings of the following tokens (B, T, n, d_b)
+        -> (B, T, D)."""
         out, stats = self.block(self.merged(h, next_embed), rope)
-        return self.head(untile_state(out)), stats
+        return self.head(out), stats
 
-    def merged(self, h: torch.Tensor, next_embed: torch.Tensor) -> State:
-        """The block's input state: each slot's [H-Norm(h) ; E-Norm(next_embed)] through the merge Linear,
-        (B, T, n, d_b), or its lane tiles (one fused op then)."""
-        if takes_lane_tiles(h):
+    def merged(self, h: State, next_embed: torch.Tensor) -> State:
+        """The block's input state: each slot's [H-Norm(h) ; E-Norm(next_embed)] through the merge Linear; lane tiles
+        from lane tiles (one fused op), (B, T, n, d_b) from (B, T, n, d_b)."""
+        if isinstance(h, ghc_kernel.LaneTiles):
             return ghc_kernel.fused_mtp_merge(h, next_embed, self.hidden_norm.weight, self.embed_norm.weight,
                                               self.merge.weight, self.hidden_norm.eps)
         hidden = self.hidden_norm(h.flatten(-2)).view_as(h)
@@ -347,7 +347,7 @@ class LanguageModel(nn.Module):
         stats: list[RouterStats | None] = []
         # one stack across the blocks, so that each block's last write and the next block's first read go together
         stack = [pair for block in self.blocks for pair in block.stack(rope, stats)]
-        h = untile_state(run_stack(tile_state(embedded), stack))
+        h = run_stack(tile_state(embedded), stack)  # the final state, in lane tiles if the GHCs keep it so
         features = self.head(h)  # (B, T, D), the LM head's input
 
         mtp_features = None

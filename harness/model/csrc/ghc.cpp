@@ -13,11 +13,11 @@
 //   write:  H⁺[j] = Σ_i coef[i, m + j] H[i] + Σ_l coef[j, m + n + l] Z[l]
 //
 // Tokens are taken a vector register's lanes at a time (16 on AVX-512, 8 on AVX2), one per lane, as "lane
-// matrices" (every element a vector of those tokens' values): the state arrives in that layout (lane tiles, made
-// by to_tiles), the sublayer's x and z are transposed per tile, and all of the maths, the coefficients' reductions
-// over d included, becomes products of lane matrices without a horizontal sum. Nothing of size (T, n, k) is
-// stored: a tile's coefficients are recomputed in cache by the backward. Parameter gradients are summed per
-// thread and per lane, then reduced.
+// matrices" (every element a vector of those tokens' values): the state arrives in that layout (lane tiles,
+// lane_tiles.h, made by to_tiles), the sublayer's x and z are transposed per tile, and all of the maths, the
+// coefficients' reductions over d included, becomes products of lane matrices without a horizontal sum. Nothing
+// of size (T, n, k) is stored: a tile's coefficients are recomputed in cache by the backward. Parameter gradients
+// are summed per thread and per lane, then reduced.
 // NOTE: one token at a time, vectorised along d, the same four ops ran 2-2.5x slower at (2, 3) to (8, 64):
 // the reductions over d (rstd, H W, the coefficients' gradients <H_i, G_j>) were short dot products, each
 // ending in a horizontal sum, and with n = 3 the loops over slots left each FMA waiting on the last.
@@ -37,17 +37,20 @@
 #include <utility>
 #include <vector>
 
+#include "lane_tiles.h"
 #include "thread_rows.h"
 #include "vector_math.h"
 
 namespace {
 
 using at::Tensor;
-using vwn::load;
-using vwn::store;
+using vwn::from_lanes;
+using vwn::kLanes;
+using vwn::tile_of;
+using vwn::to_lanes;
 using vwn::vreg;
 
-constexpr int64_t kLanes = vwn::kRegisterLanes;  // tokens per tile
+Tensor as_tiles(const Tensor& t, const char* name) { return vwn::as_tiles(t, "vwn_ghc", name); }
 constexpr int64_t kGrainTiles = 4;
 constexpr int64_t kSumDepth = 32;  // of the products that sum parameter gradients over a run of tiles (tiles_per_sum)
 
@@ -55,60 +58,6 @@ void check_input(const Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
               "vwn_ghc: ", name, " must be a contiguous float32 CPU tensor of ", dim, " dims, got ", t.sizes(),
               " ", t.scalar_type(), " on ", t.device());
-}
-
-// ---- tiles: token-major rows <-> lane matrices ----
-
-// One stage of the kLanes x kLanes transpose on rows (x, y) = (i, i + B), i without bit B: the element in column c
-// moves to the other row when bit B of c differs from the row's, which swaps bit B of row and column indices.
-template <int B, std::size_t... C>
-inline void exchange(vreg& x, vreg& y, std::index_sequence<C...>) {
-  const vreg low = __builtin_shufflevector(x, y, ((C & B) ? kLanes + C - B : C)...);
-  const vreg high = __builtin_shufflevector(x, y, ((C & B) ? kLanes + C : C + B)...);
-  x = low;
-  y = high;
-}
-
-// the stages B = kLanes / 2, ..., 2, 1
-template <int B = kLanes / 2>
-inline void transpose(vreg* rows) {
-  for (int i = 0; i < kLanes; ++i)
-    if (!(i & B)) exchange<B>(rows[i], rows[i + B], std::make_index_sequence<kLanes>{});
-  if constexpr (B > 1) transpose<B / 2>(rows);
-}
-
-// `count` ≤ kLanes tokens' rows (row l at src + l · stride, `width` floats each) -> lanes[f][l] = row l's float f;
-// lanes of missing tokens are zero (a zero state and gradient add nothing to the parameter gradients).
-void to_lanes(const float* src, int64_t stride, int64_t count, int64_t width, vreg* lanes) {
-  int64_t f0 = 0;
-  if (count == kLanes) {
-    for (; f0 + kLanes <= width; f0 += kLanes) {
-      vreg rows[kLanes];
-      for (int l = 0; l < kLanes; ++l) rows[l] = load<vreg>(src + l * stride + f0);
-      transpose(rows);
-      for (int c = 0; c < kLanes; ++c) lanes[f0 + c] = rows[c];
-    }
-  }
-  for (int64_t f = f0; f < width; ++f) {
-    vreg v{};
-    for (int64_t l = 0; l < count; ++l) v[l] = src[l * stride + f];
-    lanes[f] = v;
-  }
-}
-
-// lanes[f][l] -> float f of the row of token l < count (at dst + l · stride), f < width
-void from_lanes(const vreg* lanes, int64_t width, int64_t count, float* dst, int64_t stride) {
-  int64_t f0 = 0;
-  if (count == kLanes) {
-    for (; f0 + kLanes <= width; f0 += kLanes) {
-      vreg rows[kLanes];
-      for (int c = 0; c < kLanes; ++c) rows[c] = lanes[f0 + c];
-      transpose(rows);
-      for (int l = 0; l < kLanes; ++l) store(dst + l * stride + f0, rows[l]);
-    }
-  }
-  for (int64_t f = f0; f < width; ++f)
-    for (int64_t l = 0; l < count; ++l) dst[l * stride + f] = lanes[f][l];
 }
 
 // ---- products of lane matrices ----
@@ -508,26 +457,6 @@ void for_each_tile(int64_t tiles, int64_t tokens, int64_t run_length, std::initi
 vwn::ThreadRows parameter_sums(const Mixing& mixing) { return vwn::ThreadRows(mixing.sum_lanes() * kLanes); }
 vreg* thread_sums(vwn::ThreadRows& sums) { return reinterpret_cast<vreg*>(sums.row()); }
 
-// The GHC state arrives and leaves as lane tiles, (tiles, n, d, L), L = kLanes: tile t holds tokens Lt .. Lt + L - 1,
-// lane l token Lt + l, zeros past the last token; only the sublayer's x and z are token-major. Transposing the state
-// in and out of every op took 40-50 % of the ops' time at (2, 3) and (2, 16).
-// The ops load whole tiles, so they take t as it is if contiguous and on a vector's boundary (every tensor torch's
-// CPU allocator makes), else a copy that is (a view at an offset, which autograd or inductor may hand over).
-Tensor as_tiles(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(3) == kLanes,
-              "vwn_ghc: ", name, " must be float32 CPU lane tiles (tiles, n, d, ", kLanes, "), got ", t.sizes(), " ",
-              t.scalar_type(), " on ", t.device());
-  const bool aligned = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % sizeof(vreg) == 0;
-  return t.is_contiguous() && aligned ? t : at::empty(t.sizes(), t.options()).copy_(t);
-}
-
-const vreg* tile_of(const Tensor& tiles, int64_t tile) {
-  return reinterpret_cast<const vreg*>(tiles.data_ptr<float>()) + tile * tiles.size(1) * tiles.size(2);
-}
-vreg* tile_of(Tensor& tiles, int64_t tile) {
-  return reinterpret_cast<vreg*>(tiles.data_ptr<float>()) + tile * tiles.size(1) * tiles.size(2);
-}
-
 // x (T, n, d) -> lane tiles (ceil(T / kLanes), n, d, kLanes)
 Tensor to_tiles(const Tensor& x) {
   check_input(x, "x", 3);
@@ -774,7 +703,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   return {grad_h, grad_z, w.a, w.b, w.proj, w.scale, r.a, r.proj, r.scale};
 }
 
-// ---- the MTP module's merge, straight into the state's lane tiles ----
+// ---- the MTP module's merge, from the trunk's final state and straight into the MTP block's, as lane tiles ----
 //
 //   Ĥ = RMSNorm(H) ∘ γ_h,  Ê = RMSNorm(E) ∘ γ_e   over each token's n · d channels
 //   M[i] = W_h Ĥ[i] + W_e Ê[i]                     each slot i, W = [W_h | W_e] (d, 2d) shared by the slots
@@ -783,83 +712,84 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 struct MergeDims {
   int64_t tokens, n, d, tiles;
-  explicit MergeDims(const Tensor& h)
-      : tokens(h.size(0)), n(h.size(1)), d(h.size(2)), tiles((tokens + kLanes - 1) / kLanes) {}
+  explicit MergeDims(const Tensor& e)
+      : tokens(e.size(0)), n(e.size(1)), d(e.size(2)), tiles((tokens + kLanes - 1) / kLanes) {}
 };
 
 void check_merge_operands(const Tensor& h, const Tensor& e, const Tensor& gamma_h, const Tensor& gamma_e,
                           const Tensor& weight) {
-  check_input(h, "hidden", 3);
   check_input(e, "embed", 3);
   check_input(gamma_h, "hidden norm weight", 1);
   check_input(gamma_e, "embed norm weight", 1);
   check_input(weight, "merge weight", 2);
-  const int64_t width = h.size(1) * h.size(2), d = h.size(2);
-  TORCH_CHECK(e.sizes() == h.sizes() && gamma_h.size(0) == width && gamma_e.size(0) == width &&
-                  weight.size(0) == d && weight.size(1) == 2 * d,
-              "vwn_ghc: mtp_merge takes hidden and embed (T, n, d), norm weights (n·d) and a (d, 2d) merge weight, got ",
-              h.sizes(), ", ", e.sizes(), ", ", gamma_h.sizes(), ", ", gamma_e.sizes(), ", ", weight.sizes());
+  const int64_t width = e.size(1) * e.size(2), d = e.size(2);
+  TORCH_CHECK(h.size(0) == MergeDims(e).tiles && h.size(1) == e.size(1) && h.size(2) == d &&
+                  gamma_h.size(0) == width && gamma_e.size(0) == width && weight.size(0) == d && weight.size(1) == 2 * d,
+              "vwn_ghc: mtp_merge takes hidden as the lane tiles of embed's (T, n, d), norm weights (n·d) and a (d, 2d) "
+              "merge weight, got ", h.sizes(), ", ", e.sizes(), ", ", gamma_h.sizes(), ", ", gamma_e.sizes(), ", ",
+              weight.sizes());
 }
 
-// hidden, embed (T, n, d), norm weights (n·d), merge weight (d, 2d) -> merged state as lane tiles, and the two rstd
-// (T) for the backward
-std::tuple<Tensor, Tensor, Tensor> mtp_merge_forward(const Tensor& h, const Tensor& e, const Tensor& gamma_h,
+// hidden (lane tiles of T tokens of n × d), embed (T, n, d), norm weights (n·d), merge weight (d, 2d) -> merged state
+// as lane tiles, and the two rstd (T) for the backward
+std::tuple<Tensor, Tensor, Tensor> mtp_merge_forward(const Tensor& hidden, const Tensor& e, const Tensor& gamma_h,
                                                      const Tensor& gamma_e, const Tensor& weight, double eps) {
+  const Tensor h = as_tiles(hidden, "hidden");
   check_merge_operands(h, e, gamma_h, gamma_e, weight);
-  const MergeDims s(h);
+  const MergeDims s(e);
   const int64_t n = s.n, d = s.d, width = n * d;
-  Tensor tiles = at::empty({s.tiles, n, d, kLanes}, h.options());
-  Tensor rstd_h = at::empty({s.tokens}, h.options()), rstd_e = at::empty({s.tokens}, h.options());
-  const float *H = h.data_ptr<float>(), *E = e.data_ptr<float>(), *W = weight.data_ptr<float>();
+  Tensor tiles = at::empty_like(h);
+  Tensor rstd_h = at::empty({s.tokens}, e.options()), rstd_e = at::empty({s.tokens}, e.options());
+  const float *E = e.data_ptr<float>(), *W = weight.data_ptr<float>();
   const float *GH = gamma_h.data_ptr<float>(), *GE = gamma_e.data_ptr<float>();
   float *RH = rstd_h.data_ptr<float>(), *RE = rstd_e.data_ptr<float>();
-  at::parallel_for(0, s.tiles, kGrainTiles, [&](int64_t begin, int64_t end) {
-    std::vector<vreg> normed_h(width), normed_e(width);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t t0 = tile * kLanes, count = std::min(kLanes, s.tokens - t0);
-      for (auto [src, gamma, normed, rstd_out] : {std::tuple{H, GH, normed_h.data(), RH},
-                                                 std::tuple{E, GE, normed_e.data(), RE}}) {
-        to_lanes(src + t0 * width, width, count, width, normed);
-        const vreg rstd = lanes_rstd(normed, width, static_cast<float>(eps));
-        for (int64_t f = 0; f < width; ++f) normed[f] *= rstd * gamma[f];
-        for (int64_t l = 0; l < count; ++l) rstd_out[t0 + l] = rstd[l];
-      }
-      sum_of(result(tile_of(tiles, tile), d), n, d, false,
-             Product<Broadcast>{matrix(normed_h.data(), d), Broadcast{W, 1, 2 * d}, d},       // Ĥ[i] W_hᵀ
-             Product<Broadcast>{matrix(normed_e.data(), d), Broadcast{W + d, 1, 2 * d}, d});  // + Ê[i] W_eᵀ
+  for_each_tile(s.tiles, s.tokens, 1, {}, {width, width},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
+    vreg *normed_h = work[0], *normed_e = work[1];
+    to_lanes(E + t0 * width, width, count, width, normed_e);  // normalised in place below
+    for (auto [x, gamma, normed, rstd_out] : {std::tuple{tile_of(h, tile), GH, normed_h, RH},
+                                              std::tuple{static_cast<const vreg*>(normed_e), GE, normed_e, RE}}) {
+      const vreg rstd = lanes_rstd(x, width, static_cast<float>(eps));
+      for (int64_t f = 0; f < width; ++f) normed[f] = x[f] * rstd * gamma[f];
+      for (int64_t l = 0; l < count; ++l) rstd_out[t0 + l] = rstd[l];
     }
+    sum_of(result(tile_of(tiles, tile), d), n, d, false,
+           Product<Broadcast>{matrix(normed_h, d), Broadcast{W, 1, 2 * d}, d},       // Ĥ[i] W_hᵀ
+           Product<Broadcast>{matrix(normed_e, d), Broadcast{W + d, 1, 2 * d}, d});  // + Ê[i] W_eᵀ
   });
   return {tiles, rstd_h, rstd_e};
 }
 
-// gradient of the merged state (lane tiles) -> gradients of hidden, embed, the two norm weights and the merge weight
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tensor& grad_arg, const Tensor& h,
+// gradient of the merged state (lane tiles) -> gradients of hidden (lane tiles), embed (T, n, d), the two norm
+// weights and the merge weight
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tensor& grad_arg, const Tensor& hidden,
                                                                       const Tensor& e, const Tensor& gamma_h,
                                                                       const Tensor& gamma_e, const Tensor& weight,
                                                                       const Tensor& rstd_h, const Tensor& rstd_e) {
+  const Tensor h = as_tiles(hidden, "hidden");
   check_merge_operands(h, e, gamma_h, gamma_e, weight);
   const Tensor grad = as_tiles(grad_arg, "grad");
-  const MergeDims s(h);
+  const MergeDims s(e);
   const int64_t n = s.n, d = s.d, width = n * d;
-  TORCH_CHECK(grad.size(0) == s.tiles && grad.size(1) == n && grad.size(2) == d, "vwn_ghc: grad ", grad.sizes(),
-              " for ", s.tokens, " tokens of ", n, " x ", d);
+  TORCH_CHECK(grad.sizes() == h.sizes(), "vwn_ghc: grad ", grad.sizes(), " for a merged state of ", h.sizes());
   Tensor grad_h = at::empty_like(h), grad_e = at::empty_like(e);
-  const float *H = h.data_ptr<float>(), *E = e.data_ptr<float>(), *W = weight.data_ptr<float>();
+  const float *E = e.data_ptr<float>(), *W = weight.data_ptr<float>();
   const float *GH = gamma_h.data_ptr<float>(), *GE = gamma_e.data_ptr<float>();
   const float *RH = rstd_h.data_ptr<float>(), *RE = rstd_e.data_ptr<float>();
-  float *DH = grad_h.data_ptr<float>(), *DE = grad_e.data_ptr<float>();
+  float* DE = grad_e.data_ptr<float>();
   // per thread and lane: [W (d × 2d) | γ_h (n·d) | γ_e (n·d)]
   const int64_t weight_lanes = 2 * d * d;
   vwn::ThreadRows sums((weight_lanes + 2 * width) * kLanes);
   const int64_t run_length = tiles_per_sum(n);
   for_each_tile(s.tiles, s.tokens, run_length, {}, {width, width, 2 * run_length * width},
                 [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t in_run) {
-    vreg *x = work[0], *grad_normed = work[1], *sum = thread_sums(sums);
+    vreg *embed = work[0], *grad_normed = work[1], *sum = thread_sums(sums);
     const vreg* g = tile_of(grad, tile);
+    to_lanes(E + t0 * width, width, count, width, embed);  // its gradient replaces it, then goes back to rows
     int64_t side = 0;
-    for (auto [src, gamma, rstd_in, dst] : {std::tuple{H, GH, RH, DH}, std::tuple{E, GE, RE, DE}}) {
+    for (auto [x, gamma, rstd_in, dx] : {std::tuple{tile_of(h, tile), GH, RH, tile_of(grad_h, tile)},
+                                         std::tuple{static_cast<const vreg*>(embed), GE, RE, embed}}) {
       vreg* normed = work[2] + (side * run_length + in_run) * width;  // [side][tile of the run]
-      to_lanes(src + t0 * width, width, count, width, x);
       vreg rstd{};
       for (int64_t l = 0; l < count; ++l) rstd[l] = rstd_in[t0 + l];
       for (int64_t f = 0; f < width; ++f) normed[f] = x[f] * rstd * gamma[f];
@@ -874,10 +804,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tens
         dot += grad_normed[f] * x[f];
       }
       const vreg correction = dot * rstd * rstd * rstd / static_cast<float>(width);
-      for (int64_t f = 0; f < width; ++f) x[f] = rstd * grad_normed[f] - correction * x[f];
-      from_lanes(x, width, count, dst + t0 * width, width);
+      for (int64_t f = 0; f < width; ++f) dx[f] = rstd * grad_normed[f] - correction * x[f];  // 0 past the last token
       ++side;
     }
+    from_lanes(embed, width, count, DE + t0 * width, width);
   }, [&](TileWork& work, int64_t run, int64_t run_tiles) {
     // W's gradient Σ G[i]ᵀ Ĥ[i] over the run's tiles and slots into each half of the sums: the tiles' gradients follow
     // each other, so the run is one product of depth run_tiles · n

@@ -152,7 +152,7 @@ struct WriteRead : torch::autograd::Function<WriteRead> {
   }
 };
 
-// hidden, embed (T, n, d) -> the MTP module's merged state (tiles)
+// hidden (lane tiles), embed (T, n, d) -> the MTP module's merged state (lane tiles)
 struct MtpMerge : torch::autograd::Function<MtpMerge> {
   static Tensor forward(AutogradContext* ctx, const Tensor& hidden, const Tensor& embed, const Tensor& gamma_h,
                         const Tensor& gamma_e, const Tensor& weight, double eps) {
