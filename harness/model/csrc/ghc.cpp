@@ -72,7 +72,17 @@ struct Strided {
 using Lanes = Strided<vreg>;
 using ConstLanes = Strided<const vreg>;
 
-inline vreg broadcast(float x) { return vreg{} + x; }
+// x in every lane
+// NOTE: as a shuffle of a one-element vector, which GCC compiles to one vbroadcastss (from memory, in a product's
+// loop); `vreg{} + x` compiled to a scalar add of zero (+0 + -0 is +0, so it cannot fold away) before each
+// vbroadcastss, and a product with broadcast operands (the coefficients' H W, g_HW Wᵀ) spent two more operations
+// per operand.
+template <std::size_t... L>
+inline vreg splat(float x, std::index_sequence<L...>) {
+  const vreg v{x};
+  return __builtin_shufflevector(v, v, (L * 0)...);
+}
+inline vreg broadcast(float x) { return splat(x, std::make_index_sequence<kLanes>{}); }
 
 // A strided matrix of floats, each element given to all lanes: the parameters, alike for every token, held as
 // floats rather than as broadcast vectors, so a tile's products keep kLanes times less of them in cache.
