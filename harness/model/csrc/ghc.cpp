@@ -520,8 +520,9 @@ void read_tile(const Mixing& mixing, const vreg* h, Coefficients& c, vreg* x) {
           false);
 }
 
-// gradient gx (m × d) of x -> the state's gradient grad_h (n × d), written, or added with `accumulate`, and the
-// parameters' into this thread's sums; g_coef: n × m lanes of scratch
+// gradient gx (m × d) of x -> the state's gradient grad_h (n × d), written, or added with `accumulate`, the static
+// and scale parameters' into this thread's sums, and g_coef (n × m lanes) left holding g_HW, for the run's W sums
+// (Mixing::add_projection_sums)
 // NOTE: a write + read backward copies the gradient through the next write into grad_h and adds to it here;
 // adding it as one more term of state_gradient's pass instead ran that backward ×1.03 (slower) at (2, 16) and
 // (8, 64), against the copy, in two sittings.
@@ -542,8 +543,9 @@ void write_tile(const Mixing& mixing, const vreg* h, const vreg* z, Coefficients
          Product<ConstLanes>{matrix(coef + n, width), matrix(z, d), m});                           // + Σ_l Bᵀ[j, l] Z[l]
 }
 
-// gradient g (n × d) of the new state -> gradients of h (n × d) and z (m × d), and the parameters' into this thread's
-// sums; g_coef: n × (n + m) lanes of scratch
+// gradient g (n × d) of the new state -> gradients of h (n × d) and z (m × d), the static and scale parameters' into
+// this thread's sums, and g_coef (n × (n + m) lanes) left holding g_HW, for the run's W sums
+// (Mixing::add_projection_sums)
 void write_tile_backward(const Mixing& mixing, const vreg* h, const vreg* z, const vreg* g, Coefficients& c,
                          vreg* g_coef, vreg* grad_h, vreg* grad_z, vreg* sums) {
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
