@@ -34,6 +34,7 @@
 #include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -107,12 +108,22 @@ struct ScaledRows {
   const vreg* scale;
 };
 
+// NOTE: the empty asm pins each lane operand used more than once in a register: GCC otherwise folded its load into
+// every FMA that used it (a 2 x 4 block's 4 right operands loaded twice each, 10 loads for 8 FMAs), and the
+// products were bound by loads. Write + read, the two builds alternated in one process: forward x0.93-0.96, backward
+// x0.93-0.95 from (2, 8) to (8, 64) (AMD EPYC Zen 3, 2026-12-06). Broadcast operands need a register anyway.
 template <int RA, int RB, typename B>
 __attribute__((always_inline)) inline void add_to(vreg (&sum)[RA][RB], const Product<B>& t, int64_t a0, int64_t b0) {
   for (int64_t r = 0; r < t.depth; ++r) {
     vreg left[RA], right[RB];
-    for (int i = 0; i < RA; ++i) left[i] = t.a(a0 + i, r);
-    for (int j = 0; j < RB; ++j) right[j] = t.b(r, b0 + j);
+    for (int i = 0; i < RA; ++i) {
+      left[i] = t.a(a0 + i, r);
+      if constexpr (RB > 1) asm("" : "+x"(left[i]));
+    }
+    for (int j = 0; j < RB; ++j) {
+      right[j] = t.b(r, b0 + j);
+      if constexpr (RA > 1 && !std::is_same_v<B, Broadcast>) asm("" : "+x"(right[j]));
+    }
     for (int i = 0; i < RA; ++i)
       for (int j = 0; j < RB; ++j) sum[i][j] += left[i] * right[j];
   }
@@ -770,19 +781,24 @@ std::tuple<Tensor, Tensor, Tensor> mtp_merge_forward(const Tensor& hidden, const
   const float *E = e.data_ptr<float>(), *W = weight.data_ptr<float>();
   const float *GH = gamma_h.data_ptr<float>(), *GE = gamma_e.data_ptr<float>();
   float *RH = rstd_h.data_ptr<float>(), *RE = rstd_e.data_ptr<float>();
-  for_each_tile(s.tiles, s.tokens, 1, {}, {width, width},
+  for_each_tile(s.tiles, s.tokens, 1, {}, {width, 2 * width},
                 [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
-    vreg *normed_h = work[0], *normed_e = work[1];
-    to_lanes(E + t0 * width, width, count, width, normed_e);  // normalised in place below
-    for (auto [x, gamma, normed, rstd_out] : {std::tuple{tile_of(h, tile), GH, normed_h, RH},
-                                              std::tuple{static_cast<const vreg*>(normed_e), GE, normed_e, RE}}) {
+    vreg *embed = work[0], *normed = work[1];  // normed: [Ĥ[i] | Ê[i]] per slot, n × 2d
+    to_lanes(E + t0 * width, width, count, width, embed);
+    int64_t side = 0;
+    for (auto [x, gamma, rstd_out] : {std::tuple{tile_of(h, tile), GH, RH},
+                                      std::tuple{static_cast<const vreg*>(embed), GE, RE}}) {
       const vreg rstd = lanes_rstd(x, width, static_cast<float>(eps));
-      for (int64_t f = 0; f < width; ++f) normed[f] = x[f] * rstd * gamma[f];
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t f = 0; f < d; ++f) normed[i * 2 * d + side * d + f] = x[i * d + f] * rstd * gamma[i * d + f];
       for (int64_t l = 0; l < count; ++l) rstd_out[t0 + l] = rstd[l];
+      ++side;
     }
-    sum_of(result(tile_of(tiles, tile), d), n, d, false,
-           Product<Broadcast>{matrix(normed_h, d), Broadcast{W, 1, 2 * d}, d},       // Ĥ[i] W_hᵀ
-           Product<Broadcast>{matrix(normed_e, d), Broadcast{W + d, 1, 2 * d}, d});  // + Ê[i] W_eᵀ
+    // M[i] = [Ĥ[i] | Ê[i]] Wᵀ, one product of depth 2d
+    // NOTE: as two products of depth d (Ĥ[i] W_hᵀ + Ê[i] W_eᵀ) summed in one pass, with add_to's operands pinned
+    // in registers, GCC spilled (55 stack accesses of vector registers in the loop, 3 before): x1.26-1.68 (slower).
+    // This one against the two before the pinning: x0.81-0.93 from (2, 3) to (2, 16).
+    product(result(tile_of(tiles, tile), d), matrix(normed, 2 * d), Broadcast{W, 1, 2 * d}, n, d, 2 * d, false);
   });
   return {tiles, rstd_h, rstd_e};
 }
@@ -808,39 +824,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tens
   const int64_t weight_lanes = 2 * d * d;
   vwn::ThreadRows sums((weight_lanes + 2 * width) * kLanes);
   const int64_t run_length = tiles_per_sum(n);
-  for_each_tile(s.tiles, s.tokens, run_length, {}, {width, width, 2 * run_length * width},
+  for_each_tile(s.tiles, s.tokens, run_length, {}, {width, 2 * width, 2 * run_length * width},
                 [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t in_run) {
     vreg *embed = work[0], *grad_normed = work[1], *sum = thread_sums(sums);
+    vreg* normed = work[2] + in_run * 2 * width;  // [Ĥ[i] | Ê[i]] per slot (n × 2d), for the run's W sums
     const vreg* g = tile_of(grad, tile);
     to_lanes(E + t0 * width, width, count, width, embed);  // its gradient replaces it, then goes back to rows
+    // [d Ĥ[i] | d Ê[i]] = G[i] W
+    product(result(grad_normed, 2 * d), matrix(g, d), Broadcast{W, 2 * d, 1}, n, 2 * d, d, false);
     int64_t side = 0;
     for (auto [x, gamma, rstd_in, dx] : {std::tuple{tile_of(h, tile), GH, RH, tile_of(grad_h, tile)},
                                          std::tuple{static_cast<const vreg*>(embed), GE, RE, embed}}) {
-      vreg* normed = work[2] + (side * run_length + in_run) * width;  // [side][tile of the run]
       vreg rstd{};
       for (int64_t l = 0; l < count; ++l) rstd[l] = rstd_in[t0 + l];
-      for (int64_t f = 0; f < width; ++f) normed[f] = x[f] * rstd * gamma[f];
-      // d Ĥ = G W_h (or W_e)
-      product(result(grad_normed, d), matrix(g, d), Broadcast{W + side * d, 2 * d, 1}, n, d, d, false);
       // RMSNorm backward: u = d Ĥ ∘ γ;  d x = rstd · u − rstd³ / (n·d) · x · Σ u ∘ x;  d γ += d Ĥ ∘ x · rstd
       vreg* sum_gamma = sum + weight_lanes + side * width;
       vreg dot{};
-      for (int64_t f = 0; f < width; ++f) {
-        sum_gamma[f] += grad_normed[f] * x[f] * rstd;
-        grad_normed[f] *= gamma[f];
-        dot += grad_normed[f] * x[f];
-      }
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t f = 0; f < d; ++f) {
+          const int64_t c = i * d + f, j = i * 2 * d + side * d + f;
+          normed[j] = x[c] * rstd * gamma[c];
+          sum_gamma[c] += grad_normed[j] * x[c] * rstd;
+          grad_normed[j] *= gamma[c];
+          dot += grad_normed[j] * x[c];
+        }
       const vreg correction = dot * rstd * rstd * rstd / static_cast<float>(width);
-      for (int64_t f = 0; f < width; ++f) dx[f] = rstd * grad_normed[f] - correction * x[f];  // 0 past the last token
+      for (int64_t i = 0; i < n; ++i)  // 0 past the last token
+        for (int64_t f = 0; f < d; ++f)
+          dx[i * d + f] = rstd * grad_normed[i * 2 * d + side * d + f] - correction * x[i * d + f];
       ++side;
     }
     from_lanes(embed, width, count, DE + t0 * width, width);
   }, [&](TileWork& work, int64_t run, int64_t run_tiles) {
-    // W's gradient Σ G[i]ᵀ Ĥ[i] over the run's tiles and slots into each half of the sums: the tiles' gradients follow
-    // each other, so the run is one product of depth run_tiles · n
-    for (int64_t side = 0; side < 2; ++side)
-      product(Lanes{thread_sums(sums) + side * d, 2 * d, 1}, transposed(tile_of(grad, run), d),
-              matrix(work[2] + side * run_length * width, d), d, d, run_tiles * n, true);
+    // W's gradient Σ G[i]ᵀ [Ĥ[i] | Ê[i]] over the run's tiles and slots: the tiles' gradients follow each other, so
+    // the run is one product of depth run_tiles · n
+    product(Lanes{thread_sums(sums), 2 * d, 1}, transposed(tile_of(grad, run), d), matrix(work[2], 2 * d), d, 2 * d,
+            run_tiles * n, true);
   });
   auto total = [&](int64_t lanes_offset) { return lane_total(sums, lanes_offset); };
   Tensor grad_weight = at::empty_like(weight), grad_gamma_h = at::empty_like(gamma_h);
