@@ -110,19 +110,22 @@ struct ScaledRows {
 
 // NOTE: the empty asm pins each lane operand used more than once in a register: GCC otherwise folded its load into
 // every FMA that used it (a 2 x 4 block's 4 right operands loaded twice each, 10 loads for 8 FMAs), and the
-// products were bound by loads. Write + read, the two builds alternated in one process: forward x0.93-0.96, backward
-// x0.93-0.95 from (2, 8) to (8, 64) (AMD EPYC Zen 3, 2026-12-06). Broadcast operands need a register anyway.
+// products were bound by loads. Write + read, the two builds alternated in one process: forward x0.90-0.96, backward
+// x0.92-0.95 from (2, 8) to (8, 64) (AMD EPYC Zen 3, 2026-12-06). Not for broadcast operands (on AVX2 a broadcast
+// needs a register anyway), nor where the block would not fit in the registers: 3 x 3 blocks on AVX2 spilled more
+// (62 -> 97 stack accesses in one of their loops) and ran no faster.
 template <int RA, int RB, typename B>
 __attribute__((always_inline)) inline void add_to(vreg (&sum)[RA][RB], const Product<B>& t, int64_t a0, int64_t b0) {
+  constexpr bool pin = RA * RB + RA + RB <= vwn::kVectorRegisters - 2;  // all of them, and two spare
   for (int64_t r = 0; r < t.depth; ++r) {
     vreg left[RA], right[RB];
     for (int i = 0; i < RA; ++i) {
       left[i] = t.a(a0 + i, r);
-      if constexpr (RB > 1) asm("" : "+x"(left[i]));
+      if constexpr (pin && RB > 1) vwn::pin_in_register(left[i]);
     }
     for (int j = 0; j < RB; ++j) {
       right[j] = t.b(r, b0 + j);
-      if constexpr (RA > 1 && !std::is_same_v<B, Broadcast>) asm("" : "+x"(right[j]));
+      if constexpr (pin && RA > 1 && !std::is_same_v<B, Broadcast>) vwn::pin_in_register(right[j]);
     }
     for (int i = 0; i < RA; ++i)
       for (int j = 0; j < RB; ++j) sum[i][j] += left[i] * right[j];
