@@ -26,8 +26,9 @@ def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> 
     return F.cross_entropy(F.linear(hidden, weight).flatten(0, -2), targets.flatten())
 
 
-# one row; several chunks of 128 rows with a ragged last one (V = 4096); chunks of the 16-row minimum (large V)
-@pytest.mark.parametrize("rows, vocab", [(1, 50), (300, 4096), (2 * 128 + 7, 4096), (40, 70_000)])
+# one row; two and three chunks (V = 4096), the last one ragged; chunks of the 16-row minimum (large V)
+@pytest.mark.parametrize("rows, vocab", [(1, 50), (_chunk_rows(4096) + 44, 4096), (2 * _chunk_rows(4096) + 7, 4096),
+                                         (40, 70_000)])
 def test_loss_and_gradients_equal_the_plain_cross_entropy(rows, vocab, path):
     torch.manual_seed(0)
     hidden = torch.randn(rows, 24, requires_grad=True)
