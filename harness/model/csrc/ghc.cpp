@@ -112,11 +112,11 @@ struct ScaledRows {
 // every FMA that used it (a 2 x 4 block's 4 right operands loaded twice each, 10 loads for 8 FMAs), and the
 // products were bound by loads. Write + read, the two builds alternated in one process: forward x0.90-0.96, backward
 // x0.92-0.95 from (2, 8) to (8, 64) (AMD EPYC Zen 3, 2026-12-06). Not for broadcast operands (on AVX2 a broadcast
-// needs a register anyway), nor where the block would not fit in the registers: 3 x 3 blocks on AVX2 spilled more
-// (62 -> 97 stack accesses in one of their loops) and ran no faster.
+// needs a register anyway), nor where the block would not fit in the registers: 3 x 3 blocks spilled more (62 -> 97
+// stack accesses in one of their loops) and ran no faster. AVX-512 builds, not measured, are left as they were.
 template <int RA, int RB, typename B>
 __attribute__((always_inline)) inline void add_to(vreg (&sum)[RA][RB], const Product<B>& t, int64_t a0, int64_t b0) {
-  constexpr bool pin = RA * RB + RA + RB <= vwn::kVectorRegisters - 2;  // all of them, and two spare
+  constexpr bool pin = RA * RB + RA + RB <= 14;  // AVX2's 16 registers, two spare
   for (int64_t r = 0; r < t.depth; ++r) {
     vreg left[RA], right[RB];
     for (int i = 0; i < RA; ++i) {
