@@ -545,7 +545,8 @@ void read_tile_backward(const Mixing& mixing, const vreg* h, const vreg* gx, Coe
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m;
   product(result(g_coef, m), matrix(h, d), transposed(gx, d), n, m, d, false);  // <H[i], G_X[j]>
   mixing.backward(h, c, g_coef, sums);
-  mixing.state_gradient(h, c, g_coef, grad_h, accumulate, Product<ConstLanes>{matrix(c.coef.data(), m), matrix(gx, d), m});  // Σ_j Å[i, j] G_X[j]
+  mixing.state_gradient(h, c, g_coef, grad_h, accumulate,
+                        Product<ConstLanes>{matrix(c.coef.data(), m), matrix(gx, d), m});  // Σ_j Å[i, j] G_X[j]
 }
 
 // state h (n × d), z (m × d) -> new state out (n × d), H⁺[j] = Σ_i Â[i, j] H[i] + Σ_l Bᵀ[j, l] Z[l]
@@ -553,8 +554,9 @@ void write_tile(const Mixing& mixing, const vreg* h, const vreg* z, Coefficients
   const int64_t n = mixing.n, d = mixing.d, m = mixing.m, width = mixing.width;
   mixing.forward(h, c);
   const vreg* coef = c.coef.data();
-  sum_of(result(out, d), n, d, false, Product<ConstLanes>{transposed(coef, width), matrix(h, d), n},  // Σ_i Â[i, j] H[i]
-         Product<ConstLanes>{matrix(coef + n, width), matrix(z, d), m});                           // + Σ_l Bᵀ[j, l] Z[l]
+  sum_of(result(out, d), n, d, false,
+         Product<ConstLanes>{transposed(coef, width), matrix(h, d), n},  // Σ_i Â[i, j] H[i]
+         Product<ConstLanes>{matrix(coef + n, width), matrix(z, d), m});  // + Σ_l Bᵀ[j, l] Z[l]
 }
 
 // gradient g (n × d) of the new state -> gradients of h (n × d) and z (m × d), the static and scale parameters' into
@@ -568,7 +570,8 @@ void write_tile_backward(const Mixing& mixing, const vreg* h, const vreg* z, con
   mixing.backward(h, c, g_coef, sums);
   const vreg* coef = c.coef.data();
   product(result(grad_z, d), transposed(coef + n, width), matrix(g, d), m, d, n, false);  // Σ_j Bᵀ[j, l] G[j]
-  mixing.state_gradient(h, c, g_coef, grad_h, false, Product<ConstLanes>{matrix(coef, width), matrix(g, d), n});  // Σ_j Â[i, j] G[j]
+  mixing.state_gradient(h, c, g_coef, grad_h, false,
+                        Product<ConstLanes>{matrix(coef, width), matrix(g, d), n});  // Σ_j Â[i, j] G[j]
 }
 
 // ---- the ops ----
@@ -586,7 +589,8 @@ Tensor read_forward(const Tensor& h_arg, const Tensor& a, const Tensor& b, const
   const Mixing read({a, b, proj, scale, temperature}, s, eps, Side::read);
   float* X = x.data_ptr<float>();
   const int64_t row = s.m * s.d;
-  for_each_tile(s.tiles, s.tokens, 1, {&read}, {row}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
+  for_each_tile(s.tiles, s.tokens, 1, {&read}, {row},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
     read_tile(read, tile_of(h, tile), work.coefficients[0], work[0]);
     from_lanes(work[0], row, count, X + t0 * row, row);
   });
@@ -631,7 +635,8 @@ Tensor write_forward(const Tensor& h_arg, const Tensor& z, const Tensor& a, cons
   Tensor out = at::empty_like(h);
   const float* Z = z.data_ptr<float>();
   const int64_t row = s.m * s.d;
-  for_each_tile(s.tiles, s.tokens, 1, {&write}, {row}, [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
+  for_each_tile(s.tiles, s.tokens, 1, {&write}, {row},
+                [&](TileWork& work, int64_t tile, int64_t t0, int64_t count, int64_t) {
     to_lanes(Z + t0 * row, row, count, row, work[0]);
     write_tile(write, tile_of(h, tile), work[0], work.coefficients[0], tile_of(out, tile));
   });
