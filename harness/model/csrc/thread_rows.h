@@ -21,6 +21,8 @@ class ThreadRows {
   }
 
   float* row() { return base_ + at::get_thread_num() * stride_; }  // the calling thread's
+  const float* row(int64_t thread) const { return base_ + thread * stride_; }
+  int64_t threads() const { return threads_; }
 
   float total(int64_t column) const {  // column summed over the threads' rows
     float sum = 0.0f;

@@ -42,6 +42,17 @@ __attribute__((always_inline)) inline void pin_in_register(vreg& x) {
 #endif
 }
 
+// The sum of a vector's lanes, pairwise (three shuffles and adds for eight lanes), not lane after lane
+inline float lane_sum(v8 v) {
+  const v8 a = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  const v8 b = a + __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5);
+  return b[0] + b[1];
+}
+inline float lane_sum(v16 v) {
+  return lane_sum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
 // A vector V (v8 or v16) from p, and back; unaligned
 template <typename V>
 inline V load(const float* p) {
