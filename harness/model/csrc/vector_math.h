@@ -42,7 +42,7 @@ __attribute__((always_inline)) inline void pin_in_register(vreg& x) {
 #endif
 }
 
-// The sum of a vector's lanes, pairwise (three shuffles and adds for eight lanes), not lane after lane
+// The sum of a vector's lanes, pairwise (for eight: two shuffles and adds, then one add), not lane after lane
 inline float lane_sum(v8 v) {
   const v8 a = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
   const v8 b = a + __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5);
