@@ -401,7 +401,6 @@ class Mixing {
   // The per-thread sums -> the parameters' gradients
   ParameterGradients gradients(const vwn::ThreadRows& sums, const Tensor& like) const {
     const std::vector<float> totals = lane_totals(sums, sum_lanes());
-    auto total = [&](int64_t lanes_offset) { return totals[lanes_offset]; };
     ParameterGradients g{at::zeros({n, m + n}, like.options()), at::zeros({m, n}, like.options()),
                          at::empty({0}, like.options()), at::empty({0}, like.options())};
     float* GA = g.a.data_ptr<float>();
@@ -409,14 +408,14 @@ class Mixing {
     for (int64_t i = 0; i < n; ++i)
       for (int64_t q = 0; q < width; ++q) {
         const int64_t c = q0 + q;
-        (c < m + n ? GA[i * (m + n) + c] : GB[(c - m - n) * n + i]) = total(i * width + q);
+        (c < m + n ? GA[i * (m + n) + c] : GB[(c - m - n) * n + i]) = totals[i * width + q];
       }
     if (!dynamic) return g;
     auto fill = [&](int64_t rows, int64_t offset, float factor) {
       Tensor t = at::zeros({rows, k}, like.options());
       float* out = t.data_ptr<float>();
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t q = 0; q < width; ++q) out[r * k + q0 + q] = total(offset + r * width + q) * factor;
+        for (int64_t q = 0; q < width; ++q) out[r * k + q0 + q] = totals[offset + r * width + q] * factor;
       return t;
     };
     g.scale = fill(n, n * width, 1.0f);
@@ -892,14 +891,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mtp_merge_backward(const Tens
             run_tiles * n, true);
   });
   const std::vector<float> totals = lane_totals(sums, weight_lanes + 2 * width);
-  auto total = [&](int64_t lanes_offset) { return totals[lanes_offset]; };
   Tensor grad_weight = at::empty_like(weight), grad_gamma_h = at::empty_like(gamma_h);
   Tensor grad_gamma_e = at::empty_like(gamma_e);
   float* DW = grad_weight.data_ptr<float>();
-  for (int64_t i = 0; i < weight_lanes; ++i) DW[i] = total(i);
+  for (int64_t i = 0; i < weight_lanes; ++i) DW[i] = totals[i];
   for (int64_t f = 0; f < width; ++f) {
-    grad_gamma_h.data_ptr<float>()[f] = total(weight_lanes + f);
-    grad_gamma_e.data_ptr<float>()[f] = total(weight_lanes + width + f);
+    grad_gamma_h.data_ptr<float>()[f] = totals[weight_lanes + f];
+    grad_gamma_e.data_ptr<float>()[f] = totals[weight_lanes + width + f];
   }
   return {grad_h, grad_e, grad_gamma_h, grad_gamma_e, grad_weight};
 }
