@@ -10,7 +10,8 @@ For each config and virtual width (m, n) it times the training step exactly as `
                          (`gemm`): the fastest of those (where MKL runs its AVX2 code, torch.mm alone
                          would understate the machine by half)
     overhead_measured    median of step time / step time at r = 1 - 1 (0.20 = +20 %), each ratio of two steps
-                         run back to back (`time_paired`); with the ratios' quartiles
+                         run back to back (`time_paired`); with the ratios' quartiles and the median's 95 %
+                         confidence interval (`overhead_measured_interval`)
     overhead_predicted   FLOPs per token / FLOPs per token at r = 1 - 1
     mfu_ceiling          the MFU the step would reach if it did nothing but its dense matmul calls
                          (mm, bmm, addmm, baddbmm, oneDNN's products, the fused weight gradients and the MoE's
@@ -29,6 +30,9 @@ For each config and virtual width (m, n) it times the training step exactly as `
                          from the kernels' lane tiles), embed_head (embedding, reduce
                          head, LM head calls, losses), mtp (the MTP module, its LM head call
                          excepted), optimizer (clipping, AdamW, schedule), other (unattributed)
+
+`targets` in bench.json, printed after the table, checks each config against the performance targets
+(`bench_targets`): r = 1 MFU, each width's overhead against 1.3 × predicted + 3 points, the MoE check.
 
 r = 1 is always the plain transformer (m = n = 1), the reference of the overheads. Each width is timed in
 pairs with it (an r = 1 step, then the width's), a few pairs in turn per width and round, so a change of
@@ -63,6 +67,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harness.bench_targets import check_targets, format_targets, median_interval
 from harness.config import RunConfig, load_run_config
 from harness.grid import load_grid
 from harness.lit import VWNModule
@@ -495,6 +500,10 @@ class PairedTimes:
         first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
         return [first - 1, third - 1]
 
+    def overhead_interval(self, i: int) -> list[float]:
+        """The 95 % confidence interval of `overhead(i)` from its pairs (`bench_targets.median_interval`)."""
+        return [ratio - 1 for ratio in median_interval(self.ratios[i])]
+
 
 def time_paired(steps: list[Callable[[], object]], rounds: int, pairs_per_round: int) -> PairedTimes:
     """Times every step function against the reference steps[0] (the widths against r = 1): in each of `rounds`
@@ -546,9 +555,9 @@ def moe_vs_dense(config: RunConfig, repeats: int = 30) -> dict:
 
     run(dense)  # warm-up (time_paired warms the MoE)
     times = time_paired([lambda: run(dense), lambda: run(moe)], rounds=1, pairs_per_round=repeats)
-    low, high = times.overhead_quartiles(1)
     return {"moe_ms": 1e3 * times.median_seconds(1), "dense_ms": 1e3 * times.median_seconds(0),
-            "ratio": 1 + times.overhead(1), "ratio_quartiles": [1 + low, 1 + high]}
+            "ratio": 1 + times.overhead(1), "ratio_quartiles": [1 + q for q in times.overhead_quartiles(1)],
+            "ratio_interval": [1 + q for q in times.overhead_interval(1)]}
 
 
 def fused_ghc_flops_per_token(config: RunConfig) -> int:
@@ -595,6 +604,7 @@ def bench_config(name: str, config: RunConfig, pairs: list[tuple[int, int]], rou
             "matmul_gflop": sum(count * matmul_flops(call) for call, count in calls.items()) / 1e9,
             "overhead_measured": times.overhead(i),
             "overhead_measured_quartiles": times.overhead_quartiles(i),
+            "overhead_measured_interval": times.overhead_interval(i),
             "timed_pairs": len(times.ratios[i]) if i else 0,
             "overhead_predicted": f / base_flops - 1,
             # what the width's extra matmul calls alone add to the r = 1 step, each at its standalone speed
@@ -705,7 +715,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     result["matmul_flops_per_s"] = max(by_library.values())
     result["matmul_flops_per_s_by_library"], result["matmul_flops_per_s_measured"] = by_library, rates
     result["runs"] = [with_mfu(run, result["matmul_flops_per_s"]) for run in result["runs"]]
+    result["targets"] = check_targets(result)
     write_outputs(result, Path(args.out))
     print(format_table(result))
+    print(format_targets(result["targets"]))
     print(f"\nwrote {Path(args.out) / 'bench.json'} and bench.csv")
     return 0

@@ -178,6 +178,13 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
     for run in runs[1:]:  # one round of two (r = 1 step, width's step) pairs
         low, high = run["overhead_measured_quartiles"]
         assert run["timed_pairs"] == 2 and low <= run["overhead_measured"] <= high
+        # two pairs reach no 95 % interval: the two ratios themselves
+        assert run["overhead_measured_interval"][0] <= low and high <= run["overhead_measured_interval"][1]
+    targets = result["targets"][str(path)]
+    assert targets["r1_mfu"]["value"] == runs[0]["mfu"]
+    assert [(w["m"], w["n"], w["measured"]) for w in targets["widths"]] == [
+        (r["m"], r["n"], r["overhead_measured"]) for r in runs[1:]]
+    assert {w["verdict"] for w in targets["widths"]} <= {"met", "missed", "undecided"}
     for run in runs[1:]:  # the width's extra calls (reduce head, MTP merge); the floor: their time over r = 1's step
         assert run["matmul_gflop"] > runs[0]["matmul_gflop"]  # (that time, microseconds here, is within the noise)
         assert run["overhead_matmul_floor"] == pytest.approx(
@@ -186,11 +193,14 @@ def test_bench_main_writes_json_and_csv_with_one_row_per_width(tmp_path, monkeyp
     moe = result["moe_vs_dense"][str(path)]
     low, high = moe["ratio_quartiles"]
     assert 0 < low <= moe["ratio"] <= high and moe["moe_ms"] > 0 and moe["dense_ms"] > 0
+    low, high = moe["ratio_interval"]  # 30 pairs: x(10)..x(21)
+    assert low <= moe["ratio"] <= high and targets["moe"]["interval"] == [low, high]
 
     with (out / "bench.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and float(rows[1]["tokens_per_s"]) == pytest.approx(runs[1]["tokens_per_s"])
-    assert "| (2, 8) | 4 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| (2, 8) | 4 |" in printed and f"{path} (2, 8): overhead" in printed
 
 
 def test_retain_freed_memory_applies_on_glibc():
